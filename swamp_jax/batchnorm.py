@@ -1,0 +1,62 @@
+"""Recomputing BatchNorm statistics for averaged weights.
+
+Averaged weights need statistics of their own: neither any particle's
+running statistics nor their mean describe the activations of the average.
+As in SWA's ``update_bn``: reset, then one train-mode pass over training
+batches, the statistic being the plain mean of per-batch statistics.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from swamp_jax import data as data_lib
+
+_BN_ORDER_SEED = 0
+
+
+def recompute_batch_stats(
+  model,
+  params,
+  batch_stats,
+  images,
+  mean,
+  std,
+  batch_size: int,
+  num_batches: int,
+):
+  """Fresh BatchNorm statistics of ``params`` from training batches.
+
+  Args:
+    model: the Flax module. Its ``bn_momentum`` field is set to 0 here so
+      that one train-mode call returns exactly that batch's statistics.
+    params: weights without particle axis (vmap for several).
+    batch_stats: current statistics; only their structure is used. An empty
+      collection (a model without BatchNorm) is returned unchanged.
+    images: stored training images [n, H, W, C] (no augmentation: the pass
+      is deterministic and sees the data as evaluation does).
+    num_batches: batches of a fixed order; ``<= 0`` means a whole epoch.
+
+  Returns:
+    The new ``batch_stats`` pytree.
+  """
+  if not jax.tree_util.tree_leaves(batch_stats):
+    return batch_stats
+  n = images.shape[0]
+  available = n // batch_size
+  num_batches = available if num_batches <= 0 else min(num_batches, available)
+  order = jax.random.permutation(jax.random.key(_BN_ORDER_SEED), n)[: num_batches * batch_size]
+  order = order.reshape(num_batches, batch_size)
+  probe = model.clone(bn_momentum=0.0)
+
+  def body(total, idx):
+    x = data_lib.preprocess(images[idx], mean, std)
+    _, new = probe.apply(
+      {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+    )
+    return jax.tree_util.tree_map(jnp.add, total, new["batch_stats"]), None
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, batch_stats)
+  total, _ = jax.lax.scan(body, zeros, order)
+  return jax.tree_util.tree_map(lambda t: t / num_batches, total)

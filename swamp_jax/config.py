@@ -1,0 +1,154 @@
+"""The run configuration: defaults, and validation with errors that name the field.
+
+Configs are ``ml_collections.ConfigDict``; the files in ``configs/`` start
+from ``get_default_config()`` and change fields. ``validate_config`` checks
+a config against these defaults (so a typo'd field is caught even in a
+config built by hand) and every value against its range.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import ml_collections
+from ml_collections import config_dict
+
+from swamp_jax import optimizers
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+  """SWAMP's defaults (../shared/SWAMP.md), on the embedded digits data."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = "digits"  # 'digits' (embedded) or any TFDS image-classification name
+  c.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: TFDS default
+  c.dataset.cache_dir = "~/.cache/swamp_jax"  # decoded-array cache; '' disables
+  c.dataset.validation_size = 0  # held out of train, for choices; test is reported
+  c.dataset.augment = "auto"  # 'auto' (crop+flip for CIFAR), 'yes', 'no'
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "lenet5"
+  c.model.conv_impl = "auto"  # 'auto' (im2col on CPU, XLA conv elsewhere), 'xla', 'im2col'
+  c.model.bn_momentum = 0.9
+
+  c.num_particles = 4  # N; 1 gives IMP / IMP+SWA
+  c.single_particle_rounds = 0  # SWAMP+: rounds r < this train one particle
+  c.prune_fraction = 0.2  # of the surviving prunable weights, per round
+  c.num_rounds = 10  # prunes; trains num_rounds + 1 times (round 0 is dense)
+  c.prune_exclude = ()  # regexes over param paths kept dense (e.g. 'Conv_0')
+
+  c.rewind_epochs = 1  # T0: dense training before the ticket is taken
+  c.epochs_per_round = 10  # T - T0: each round trains the ticket this long
+  c.batch_size = 128
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "sgd"  # 'sgd', 'adamw', 'adam'; or pass optimizer= to run()
+  c.optimizer.learning_rate = 0.1  # peak
+  c.optimizer.final_learning_rate = 0.0  # end of the cosine when SWA is off
+  c.optimizer.momentum = 0.9
+  c.optimizer.nesterov = True
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+
+  c.swa = ml_collections.ConfigDict()
+  c.swa.enabled = True
+  c.swa.start = 0.75  # fraction of the round, rounded to whole epochs
+  c.swa.learning_rate = 0.05  # constant during the SWA phase
+  c.swa.every_epochs = 1
+
+  c.bn_recompute = ml_collections.ConfigDict()
+  c.bn_recompute.enabled = True  # recompute BN stats of averaged weights
+  c.bn_recompute.num_batches = 0  # <= 0: one full epoch
+
+  c.eval_batch_size = 1000
+  c.progress = True  # progress bar on the terminal
+  c.overwrite = False  # allow a workdir that holds a finished run
+  return c
+
+
+def _check_fields(config, defaults, prefix=""):
+  for key in config:
+    if key not in defaults:
+      close = difflib.get_close_matches(key, list(defaults.keys()), n=1)
+      hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+      raise ValueError(f"unknown config field {prefix}{key!r}{hint}")
+    value, default = config[key], defaults[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ValueError(f"config field {prefix}{key!r} must be a group of fields")
+      _check_fields(value, default, f"{prefix}{key}.")
+
+
+def _require(ok: bool, message: str):
+  if not ok:
+    raise ValueError(message)
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first field that is unknown or out of range.
+
+  Model and dataset names are checked where they are resolved (they need
+  imports or TFDS), before any training.
+  """
+  _check_fields(config, get_default_config())
+  _require(
+    isinstance(config.num_particles, int) and config.num_particles >= 1,
+    f"num_particles must be an integer >= 1, got {config.num_particles!r}",
+  )
+  _require(
+    0.0 < config.prune_fraction < 1.0,
+    f"prune_fraction must be in (0, 1), got {config.prune_fraction!r}",
+  )
+  _require(config.num_rounds >= 0, f"num_rounds must be >= 0, got {config.num_rounds!r}")
+  _require(
+    0 <= config.single_particle_rounds <= config.num_rounds + 1,
+    f"single_particle_rounds must be in [0, num_rounds + 1 = {config.num_rounds + 1}], "
+    f"got {config.single_particle_rounds!r}",
+  )
+  _require(config.rewind_epochs >= 0, f"rewind_epochs must be >= 0, got {config.rewind_epochs!r}")
+  _require(
+    config.epochs_per_round >= 1, f"epochs_per_round must be >= 1, got {config.epochs_per_round!r}"
+  )
+  _require(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size!r}")
+  _require(
+    config.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {config.eval_batch_size!r}"
+  )
+  _require(
+    config.optimizer.name in optimizers.OPTIMIZER_NAMES,
+    f"optimizer.name must be one of {optimizers.OPTIMIZER_NAMES}, got {config.optimizer.name!r}",
+  )
+  _require(
+    config.optimizer.learning_rate > 0,
+    f"optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate!r}",
+  )
+  _require(
+    config.dataset.augment in ("auto", "yes", "no"),
+    f"dataset.augment must be 'auto', 'yes' or 'no', got {config.dataset.augment!r}",
+  )
+  if config.swa.enabled:
+    _require(
+      0.0 <= config.swa.start <= 1.0,
+      f"swa.start must be a fraction of the round in [0, 1], got {config.swa.start!r} "
+      "(past 1 the SWA phase would start after the round ends)",
+    )
+    _require(
+      config.swa.every_epochs >= 1,
+      f"swa.every_epochs must be >= 1, got {config.swa.every_epochs!r}",
+    )
+    _require(
+      config.swa.learning_rate > 0,
+      f"swa.learning_rate must be > 0, got {config.swa.learning_rate!r}",
+    )
+
+
+def num_particles_in_round(config, round_index: int) -> int:
+  """SWAMP+ trains one particle in the first ``single_particle_rounds`` rounds."""
+  return 1 if round_index < config.single_particle_rounds else config.num_particles
+
+
+def swa_start_epoch(config) -> int:
+  """Epoch of the round (counted from T0) at which SWA collection starts."""
+  return int(round(config.swa.start * config.epochs_per_round))

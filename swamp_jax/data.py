@@ -1,0 +1,199 @@
+"""Datasets held in device memory, and per-particle batches drawn inside jit.
+
+Any TFDS image-classification dataset is read with ``tfds.data_source`` (no
+TensorFlow), decoded once into numpy arrays and cached. ``digits`` is
+scikit-learn's real 8x8 handwritten digits, shipped inside scikit-learn, so
+the embedded default needs no download.
+
+Training never runs a Python input loop: the whole (small) training set sits
+on the device in its stored dtype, and each particle's batch for a step is a
+gather of indices from that particle's own permutation of the epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DIGITS = "digits"
+# Datasets whose standard recipe adds random crop (pad 4) and horizontal flip.
+_AUGMENTED_PREFIXES = ("cifar",)
+
+
+class Dataset(NamedTuple):
+  """A classification dataset as arrays.
+
+  Images are [n, H, W, C] in their stored dtype (uint8 for TFDS image
+  datasets); labels are int32 [n]. ``mean``/``std`` are per-channel float32
+  [C] statistics of the training images, in the stored scale.
+  """
+
+  name: str
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  validation_images: np.ndarray
+  validation_labels: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  num_classes: int
+  mean: np.ndarray
+  std: np.ndarray
+
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    return tuple(self.train_images.shape[1:])
+
+
+def default_augment(name: str) -> bool:
+  """Whether the standard recipe for ``name`` uses random crop and flip."""
+  return name.startswith(_AUGMENTED_PREFIXES)
+
+
+def _load_digits():
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
+
+  digits = load_digits()
+  images = digits.images.astype(np.uint8)[..., None]  # values 0..16
+  labels = digits.target.astype(np.int32)
+  # A fixed stratified 80/20 split, the same on every machine.
+  x_tr, x_te, y_tr, y_te = train_test_split(
+    images, labels, test_size=0.2, random_state=0, stratify=labels
+  )
+  return (x_tr, y_tr), (x_te, y_te), 10
+
+
+def _read_tfds_split(name: str, split: str, data_dir: str | None):
+  import tensorflow_datasets as tfds
+
+  source = tfds.data_source(name, split=split, data_dir=data_dir)
+  images, labels = [], []
+  chunk = 4096
+  for start in range(0, len(source), chunk):
+    records = source.__getitems__(list(range(start, min(start + chunk, len(source)))))
+    images.append(np.stack([r["image"] for r in records]))
+    labels.append(np.asarray([r["label"] for r in records], dtype=np.int32))
+  return np.concatenate(images), np.concatenate(labels)
+
+
+def _load_tfds(name: str, data_dir: str | None, cache_dir: str | None):
+  import tensorflow_datasets as tfds
+
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # TFDS raises its own DatasetNotFoundError subclasses.
+    raise ValueError(f"unknown dataset {name!r}: not 'digits' and not a TFDS dataset ({e})") from e
+  features = builder.info.features
+  if "image" not in features or "label" not in features:
+    raise ValueError(
+      f"dataset {name!r} is not an image-classification dataset (features: {list(features)})"
+    )
+  num_classes = int(features["label"].num_classes)
+  cache = None
+  if cache_dir:
+    key = hashlib.sha1(f"{name}|{builder.info.version}".encode()).hexdigest()[:12]
+    cache = os.path.join(os.path.expanduser(cache_dir), f"{name.replace('/', '_')}-{key}.npz")
+    if os.path.exists(cache):
+      with np.load(cache) as z:
+        return (z["xtr"], z["ytr"]), (z["xte"], z["yte"]), num_classes
+  if not builder.is_prepared():
+    builder.download_and_prepare()
+  x_tr, y_tr = _read_tfds_split(name, "train", data_dir)
+  x_te, y_te = _read_tfds_split(name, "test", data_dir)
+  if cache:
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = cache + f".tmp{os.getpid()}.npz"
+    np.savez(tmp, xtr=x_tr, ytr=y_tr, xte=x_te, yte=y_te)
+    os.replace(tmp, cache)  # atomic: a killed writer never leaves a bad cache
+  return (x_tr, y_tr), (x_te, y_te), num_classes
+
+
+def load_dataset(
+  name: str,
+  data_dir: str | None = None,
+  validation_size: int = 0,
+  cache_dir: str | None = "~/.cache/swamp_jax",
+) -> Dataset:
+  """Loads ``name`` ('digits' or a TFDS image-classification dataset).
+
+  Args:
+    name: 'digits' (embedded, scikit-learn) or a TFDS name such as 'mnist',
+      'fashion_mnist', 'cifar10', 'cifar100'.
+    data_dir: TFDS data directory (None: TFDS's default, or $TFDS_DATA_DIR).
+    validation_size: examples held out of the training split (the last ones
+      of a fixed seed-0 permutation, the same whatever the run's seed).
+    cache_dir: where decoded TFDS arrays are cached (None: no cache).
+
+  Returns:
+    A ``Dataset``.
+  """
+  if name == DIGITS:
+    (x_tr, y_tr), (x_te, y_te), num_classes = _load_digits()
+  else:
+    (x_tr, y_tr), (x_te, y_te), num_classes = _load_tfds(name, data_dir, cache_dir)
+  if not 0 <= validation_size < len(x_tr):
+    raise ValueError(
+      f"validation_size must be in [0, {len(x_tr)}) for {name!r}, got {validation_size}"
+    )
+  order = np.random.default_rng(0).permutation(len(x_tr))
+  train_idx = np.sort(order[: len(x_tr) - validation_size])
+  val_idx = np.sort(order[len(x_tr) - validation_size :])
+  x_val, y_val = x_tr[val_idx], y_tr[val_idx]
+  x_tr, y_tr = x_tr[train_idx], y_tr[train_idx]
+  axes = tuple(range(x_tr.ndim - 1))
+  mean = x_tr.mean(axis=axes, dtype=np.float64).astype(np.float32)
+  std = np.maximum(x_tr.std(axis=axes, dtype=np.float64), 1e-6).astype(np.float32)
+  return Dataset(name, x_tr, y_tr, x_val, y_val, x_te, y_te, num_classes, mean, std)
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Full batches per epoch (the last partial batch is dropped)."""
+  return num_examples // batch_size
+
+
+def compute_epoch_permutation(key: jax.Array, epoch, num_examples: int) -> jax.Array:
+  """The order in which one particle visits the training set in ``epoch``.
+
+  A pure function of (key, epoch): resuming at any step re-derives it.
+  Returns int32 [num_examples].
+  """
+  return jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+
+
+def compute_batch_indices(permutation: jax.Array, step_in_epoch, batch_size: int) -> jax.Array:
+  """Indices [batch_size] of batch ``step_in_epoch`` of an epoch's permutation."""
+  return jax.lax.dynamic_slice_in_dim(permutation, step_in_epoch * batch_size, batch_size)
+
+
+def preprocess(images: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+  """Stored images [b, H, W, C] -> normalized float32."""
+  return (images.astype(jnp.float32) - mean) / std
+
+
+def augment(key: jax.Array, images: jax.Array, padding: int = 4) -> jax.Array:
+  """Random crop (zero pad by ``padding``) and horizontal flip, per example.
+
+  Args:
+    key: PRNG key for this batch.
+    images: float32 [b, H, W, C], already normalized (so zero padding is the
+      mean, as in the usual recipe applied after normalization).
+
+  Returns:
+    float32 [b, H, W, C].
+  """
+  b, h, w, _ = images.shape
+  k_crop, k_flip = jax.random.split(key)
+  padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  offsets = jax.random.randint(k_crop, (b, 2), 0, 2 * padding + 1)
+
+  def crop(image, offset):
+    return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, image.shape[-1]))
+
+  cropped = jax.vmap(crop)(padded, offsets)
+  flip = jax.random.bernoulli(k_flip, 0.5, (b,))
+  return jnp.where(flip[:, None, None, None], cropped[:, :, ::-1, :], cropped)

@@ -1,0 +1,180 @@
+"""Iterative magnitude pruning rounds, built from the pure pieces.
+
+An IMP round of SWAMP is three jitted programs: ``start`` (rewind the ticket
+under the mask into N particles), ``train`` (a scanned chunk of steps of
+every particle; called once per epoch so the terminal can show progress),
+and ``finish`` (SWA solutions -> average -> BatchNorm recompute ->
+evaluation -> next mask). ``RoundPrograms`` holds them for one setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from swamp_jax import averaging, batchnorm, evaluation, masking, particles
+
+# Independent PRNG streams, folded into the seed's key.
+INIT_STREAM, PRETRAIN_STREAM, ROUND_STREAM = 0, 1, 2
+
+
+class Ticket(NamedTuple):
+  """The rewind point: weights and BatchNorm statistics at step T0."""
+
+  params: Any
+  batch_stats: Any
+
+
+class EvalData(NamedTuple):
+  """Splits to report on: stored images and int32 labels (validation may be empty)."""
+
+  test_images: jax.Array
+  test_labels: jax.Array
+  validation_images: jax.Array
+  validation_labels: jax.Array
+
+
+class RoundOutput(NamedTuple):
+  """What ``finish`` returns (arrays; particle leaves have a leading axis)."""
+
+  params: Any  # averaged weights w_bar
+  batch_stats: Any  # their (recomputed) BatchNorm statistics
+  next_mask: Any  # the mask pruned from w_bar
+  metrics: dict  # name -> scalar, or [N] for per-particle metrics
+
+
+def particle_key(seed: int, round_index: int, particle: int) -> jax.Array:
+  """The data-order key of ``particle`` in ``round_index``."""
+  root = jax.random.fold_in(jax.random.key(seed), ROUND_STREAM)
+  return jax.random.fold_in(jax.random.fold_in(root, round_index), particle)
+
+
+def pretrain_key(seed: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(seed), PRETRAIN_STREAM)
+
+
+def init_key(seed: int) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(seed), INIT_STREAM)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundSettings:
+  """Static settings of ``finish``."""
+
+  prune_fraction: float
+  bn_recompute: bool
+  bn_batch_size: int
+  bn_num_batches: int
+  eval_batch_size: int
+
+
+def _evaluate(model, params, batch_stats, images, labels, mean, std, batch_size):
+  variables = {"params": params, "batch_stats": batch_stats}
+  return evaluation.compute_metrics(model, variables, images, labels, mean, std, batch_size)
+
+
+def finish_round(
+  states: particles.ParticleState,
+  mask,
+  data: particles.DeviceData,
+  eval_data: EvalData,
+  *,
+  model,
+  prunable,
+  settings: RoundSettings,
+  spmd_axis_name=None,
+) -> RoundOutput:
+  """Average the particles' solutions, fix BN, evaluate, prune from the average."""
+  lift = functools.partial(particles.lift_over_particles, spmd_axis_name=spmd_axis_name)
+  solutions = particles.compute_solutions(states, spmd_axis_name)
+  avg_params = averaging.average_particles(solutions)
+  running_bs = averaging.average_particles(states.batch_stats)
+  if settings.bn_recompute:
+    recompute = functools.partial(
+      batchnorm.recompute_batch_stats,
+      model,
+      images=data.images,
+      mean=data.mean,
+      std=data.std,
+      batch_size=settings.bn_batch_size,
+      num_batches=settings.bn_num_batches,
+    )
+    avg_bs = recompute(avg_params, running_bs)
+    particle_bs = lift(recompute)(solutions, states.batch_stats)
+  else:
+    avg_bs, particle_bs = running_bs, states.batch_stats
+
+  metrics = {}
+  splits = [("test", eval_data.test_images, eval_data.test_labels)]
+  if eval_data.validation_images.shape[0]:
+    splits.append(("validation", eval_data.validation_images, eval_data.validation_labels))
+  for split, images, labels in splits:
+    evaluate = functools.partial(
+      _evaluate,
+      model,
+      images=images,
+      labels=labels,
+      mean=data.mean,
+      std=data.std,
+      batch_size=settings.eval_batch_size,
+    )
+    for name, value in evaluate(avg_params, avg_bs).items():
+      metrics[f"average/{split}_{name}"] = value
+    for name, value in lift(evaluate)(solutions, particle_bs).items():
+      metrics[f"particles/{split}_{name}"] = value
+    if settings.bn_recompute and jax.tree_util.tree_leaves(running_bs):
+      # The switchable choice, reported both ways: the average with the
+      # particles' mean running statistics instead of recomputed ones.
+      for name, value in evaluate(avg_params, running_bs).items():
+        metrics[f"average_running_bn/{split}_{name}"] = value
+  next_mask = masking.compute_mask(avg_params, mask, prunable, settings.prune_fraction)
+  return RoundOutput(avg_params, avg_bs, next_mask, metrics)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundPrograms:
+  """The jitted programs of a round, for one model, optimizer and step spec."""
+
+  start: Callable
+  train: Callable
+  finish: Callable
+
+
+def create_round_programs(
+  model, tx, spec: particles.StepSpec, prunable, settings: RoundSettings, spmd_axis_name=None
+) -> RoundPrograms:
+  """Jits ``start``/``train``/``finish``; particle states are donated to ``train``."""
+  start = jax.jit(
+    functools.partial(particles.create_particles, tx=tx, spmd_axis_name=spmd_axis_name)
+  )
+  train = jax.jit(
+    functools.partial(
+      particles.train_steps, model=model, tx=tx, spec=spec, spmd_axis_name=spmd_axis_name
+    ),
+    static_argnames=("num_steps",),
+    donate_argnums=(0,),
+  )
+  finish = jax.jit(
+    functools.partial(
+      finish_round, model=model, prunable=prunable, settings=settings, spmd_axis_name=spmd_axis_name
+    )
+  )
+  return RoundPrograms(start, train, finish)
+
+
+def epoch_chunks(start_step: int, end_step: int, steps_per_epoch: int):
+  """(start, num_steps) pieces of [start_step, end_step) that never cross an epoch."""
+  step = start_step
+  while step < end_step:
+    stop = min(end_step, (step // steps_per_epoch + 1) * steps_per_epoch)
+    yield step, stop - step
+    step = stop
+
+
+def as_step(value) -> jax.Array:
+  return jnp.asarray(value, jnp.int32)
