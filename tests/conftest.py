@@ -1,0 +1,35 @@
+"""Test setup: 8 fake CPU devices (must be set before JAX starts) and shared fixtures."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_TFDS = REPO.parent / "shared" / "data" / "tensorflow_datasets"
+
+
+@pytest.fixture
+def tiny_config():
+  """A digits config that trains in seconds: for end-to-end properties, not accuracy."""
+  from swamp_jax.config import get_default_config
+
+  c = get_default_config()
+  c.dataset.name = "digits"
+  c.model.name = "lenet300_100"
+  c.num_particles = 2
+  c.num_rounds = 2
+  c.rewind_epochs = 1
+  c.epochs_per_round = 2
+  c.batch_size = 128
+  c.optimizer.learning_rate = 0.05
+  c.swa.learning_rate = 0.01
+  c.swa.start = 0.5
+  c.eval_batch_size = 512
+  c.progress = False
+  return c

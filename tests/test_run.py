@@ -1,0 +1,228 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import swamp_jax
+from swamp_jax import data, imp, masking, models, results
+
+from .conftest import REPO
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_end_to_end_on_digits_writes_everything(tiny_config, tmp_path):
+  tiny_config.model.name = "lenet5"
+  out = swamp_jax.run(tiny_config, str(tmp_path))
+  assert [r.round for r in out.rounds] == [0, 1, 2]
+  total = out.rounds[0].prunable
+  for r in out.rounds:
+    assert r.remaining == masking.expected_surviving(total, 0.2, r.round)
+    assert len(r.particle_test_accuracy) == 2
+    assert r.test_accuracy > 0.5  # 10 classes: far above chance after a few epochs
+  assert [round(r.sparsity, 2) for r in out.rounds] == [0.0, 0.2, 0.36]
+  # One JSON line per round, equal to what run returned.
+  assert results.read_results(str(tmp_path)) == out.rounds
+  assert (tmp_path / results.PLOT_FILE).stat().st_size > 1000
+  saved = swamp_jax.load_final_model(str(tmp_path / "final_model"))
+  for a, b in zip(_leaves(saved["params"]), _leaves(out.params), strict=True):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(_leaves(saved["mask"]), _leaves(out.mask), strict=True):
+    np.testing.assert_array_equal(a, b)
+  for p, m in zip(_leaves(out.params), _leaves(out.mask), strict=True):
+    assert np.all(p[~m] == 0)
+  kept = sum(
+    int(m.sum())
+    for m, pr in zip(
+      _leaves(out.mask),
+      jax.tree_util.tree_leaves(masking.compute_prunable(out.params)),
+      strict=True,
+    )
+    if pr
+  )
+  assert kept == out.final.remaining
+
+
+def test_finished_workdir_is_refused_and_nothing_is_lost(tiny_config, tmp_path):
+  tiny_config.num_rounds = 0
+  tiny_config.epochs_per_round = 1
+  swamp_jax.run(tiny_config, str(tmp_path))
+  before = (tmp_path / results.RESULTS_FILE).read_bytes()
+  with pytest.raises(FileExistsError, match="already holds a finished run"):
+    swamp_jax.run(tiny_config, str(tmp_path))
+  assert (tmp_path / results.RESULTS_FILE).read_bytes() == before
+  assert (tmp_path / "final_model").is_dir()
+  tiny_config.overwrite = True
+  swamp_jax.run(tiny_config, str(tmp_path))
+  assert len(results.read_results(str(tmp_path))) == 1
+
+
+def _hand_written_imp(config):
+  """Plain IMP (one network, no SWA) in a Python loop of jitted steps, numpy pruning."""
+  ds = data.load_dataset(config.dataset.name)
+  model = models.create_model(config.model.name, ds.num_classes, "xla")
+  x_train = (ds.train_images.astype(np.float32) - ds.mean) / ds.std
+  x_test = (ds.test_images.astype(np.float32) - ds.mean) / ds.std
+  n, bsz = len(ds.train_labels), config.batch_size
+  spe = n // bsz
+  t0, t_end = config.rewind_epochs * spe, (config.rewind_epochs + config.epochs_per_round) * spe
+  schedule = optax.cosine_decay_schedule(config.optimizer.learning_rate, t_end)
+  params = model.init(imp.init_key(config.seed), jnp.zeros((1, 8, 8, 1)), train=False)["params"]
+
+  def make_tx(offset):
+    return optax.chain(
+      optax.add_decayed_weights(config.optimizer.weight_decay),
+      optax.sgd(lambda c: schedule(c + offset), momentum=0.9, nesterov=True),
+    )
+
+  def train(params, mask, key, first, last, tx):
+    @jax.jit
+    def step(params, opt_state, x, y):
+      def loss_fn(p):
+        logits = model.apply({"params": p}, x, train=False)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+      grads = jax.tree_util.tree_map(lambda g, m: g * m, jax.grad(loss_fn)(params), mask)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      updates = jax.tree_util.tree_map(lambda u, m: u * m, updates, mask)
+      return optax.apply_updates(params, updates), opt_state
+
+    opt_state = tx.init(params)
+    for t in range(first, last):
+      perm = np.asarray(jax.random.permutation(jax.random.fold_in(key, t // spe), n))
+      idx = perm[(t % spe) * bsz : (t % spe + 1) * bsz]
+      params, opt_state = step(params, opt_state, x_train[idx], ds.train_labels[idx])
+    return params
+
+  ones = jax.tree_util.tree_map(jnp.ones_like, params)
+  ticket = train(params, ones, imp.pretrain_key(config.seed), 0, t0, make_tx(0))
+  mask = {
+    k: {"kernel": np.ones(v["kernel"].shape, bool), "bias": np.ones(v["bias"].shape, bool)}
+    for k, v in ticket.items()
+  }
+  accuracies, masks = [], []
+  for r in range(config.num_rounds + 1):
+    start = jax.tree_util.tree_map(lambda w, m: w * m, ticket, mask)
+    final = train(start, mask, imp.particle_key(config.seed, r, 0), t0, t_end, make_tx(t0))
+    logits = model.apply({"params": final}, x_test, train=False)
+    accuracies.append(float(np.mean(np.argmax(logits, -1) == ds.test_labels)))
+    masks.append(mask)
+    names = sorted(final)  # the flattening order of the param dict
+    scores = np.concatenate(
+      [np.where(mask[k]["kernel"], np.abs(final[k]["kernel"]), -1).ravel() for k in names]
+    )
+    alive = int(np.sum(scores >= 0))
+    remove = (scores.size - alive) + int(np.round(np.float32(0.2) * np.float32(alive)))
+    keep = np.ones(scores.size, bool)
+    keep[np.argsort(scores, kind="stable")[:remove]] = False
+    offset, mask = 0, {}
+    for k in names:
+      size = final[k]["kernel"].size
+      mask[k] = {
+        "kernel": keep[offset : offset + size].reshape(final[k]["kernel"].shape),
+        "bias": np.ones(final[k]["bias"].shape, bool),
+      }
+      offset += size
+  return final, masks[-1], accuracies
+
+
+def test_imp_through_run_equals_a_hand_written_imp_loop(tiny_config):
+  tiny_config.num_particles = 1
+  tiny_config.swa.enabled = False
+  tiny_config.model.conv_impl = "xla"
+  out = swamp_jax.run(tiny_config)
+  params, mask, accuracies = _hand_written_imp(tiny_config)
+  for k in params:
+    np.testing.assert_array_equal(out.mask[k]["kernel"], mask[k]["kernel"])
+    np.testing.assert_allclose(out.params[k]["kernel"], params[k]["kernel"], atol=2e-5)
+  np.testing.assert_allclose([r.test_accuracy for r in out.rounds], accuracies, atol=1e-3)
+
+
+def test_swamp_plus_trains_one_particle_in_early_rounds(tiny_config):
+  tiny_config.num_rounds = 1
+  tiny_config.epochs_per_round = 1
+  tiny_config.single_particle_rounds = 1
+  out = swamp_jax.run(tiny_config)
+  assert [r.num_particles for r in out.rounds] == [1, 2]
+
+
+def test_custom_optax_transform_through_run_keeps_pruned_weights_zero(tiny_config):
+  tiny_config.num_rounds = 1
+  tiny_config.epochs_per_round = 1
+  out = swamp_jax.run(
+    tiny_config,
+    optimizer=lambda lr: optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lr)),
+  )
+  assert out.final.sparsity == pytest.approx(0.2, abs=1e-4)
+  for p, m in zip(_leaves(out.params), _leaves(out.mask), strict=True):
+    assert np.all(p[~m] == 0)
+
+
+BAD_INPUTS = [
+  ("model.name", "resnet_9000", ValueError, "resnet_9000"),
+  ("dataset.name", "no_such_dataset_xyz", ValueError, "no_such_dataset_xyz"),
+  ("prune_fraction", 0.0, ValueError, "prune_fraction"),
+  ("prune_fraction", 1.0, ValueError, "prune_fraction"),
+  ("num_particles", 0, ValueError, "num_particles"),
+  ("swa.start", 1.5, ValueError, "swa.start"),
+  ("model.conv_impl", "fft", ValueError, "fft"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "error", "message"), BAD_INPUTS)
+def test_bad_input_raises_a_clear_error(tiny_config, tmp_path, field, value, error, message):
+  group, _, name = field.rpartition(".")
+  (tiny_config[group] if group else tiny_config)[name] = value
+  with pytest.raises(error, match=message):
+    swamp_jax.run(tiny_config, str(tmp_path))
+  assert not (tmp_path / results.RESULTS_FILE).exists()
+
+
+def test_typo_in_config_field_is_named(tiny_config):
+  tiny_config.num_particle = 4
+  with pytest.raises(ValueError, match="unknown config field 'num_particle'.*'num_particles'"):
+    swamp_jax.run(tiny_config)
+
+
+def test_cli_rejects_a_typod_field_with_its_name(tmp_path):
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "swamp_jax",
+      "--config",
+      "configs/digits.py",
+      "--workdir",
+      str(tmp_path),
+      "--config.num_particle=2",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
+  assert proc.returncode != 0
+  assert "num_particle" in proc.stderr
+
+
+def test_every_shipped_config_is_valid():
+  import importlib.util
+
+  for path in sorted((REPO / "configs").glob("*.py")):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    swamp_jax.validate_config(config)
+    models.create_model(config.model.name, 10)
+    assert "python -m swamp_jax --config configs/" + path.name in module.__doc__
+    json.loads(config.to_json_best_effort())
