@@ -1,0 +1,189 @@
+"""Properties of the models and of the two conv lowerings."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from swamp_jax.convolution import Conv, resolve_conv_impl
+from swamp_jax.models import MODEL_NAMES, count_params, create_model
+
+CIFAR = (2, 32, 32, 3)
+# One small input shape for every eager resnet test, so compiled primitives are shared.
+SMALL = (2, 8, 8, 3)
+
+
+def _shapes(model, shape):
+  """The model's variables as `jax.ShapeDtypeStruct`s, without running an init."""
+  x = jax.ShapeDtypeStruct(shape, jnp.float32)
+  kwargs = {} if isinstance(model, Conv) else {"train": False}
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x, **kwargs), x)
+
+
+def _random_variables(model, shape, seed=0):
+  """Random variables for `model`, drawn with NumPy (an eager `model.init` compiles one random
+  op per leaf shape, which dominates the test time). Unlike a fresh init, biases, BN scales and
+  running stats are not constants, so a test cannot pass by ignoring them."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name = path[-1].key
+    if name == "kernel":
+      value = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+    elif name in ("scale", "var"):
+      value = rng.uniform(0.5, 1.5, size=leaf.shape)
+    else:
+      value = 0.1 * rng.normal(size=leaf.shape)
+    return jnp.asarray(value, jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, _shapes(model, shape))
+
+
+def _assert_trees_close(actual, expected, tol=1e-5):
+  assert jax.tree.structure(actual) == jax.tree.structure(expected)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=tol, rtol=tol), actual, expected)
+
+
+@pytest.mark.parametrize(
+  "name, shape, expected",
+  [
+    ("lenet300_100", (1, 28, 28, 1), 266_610),
+    ("resnet20", CIFAR, 272_474),
+    ("vgg11", CIFAR, 9_231_114),
+    ("vgg13", CIFAR, 9_416_010),
+    ("vgg16", CIFAR, 14_728_266),
+    ("vgg19", CIFAR, 20_040_522),
+    # The PyTorch WRN reference (bias-free convs, 1x1 conv shortcuts) counts.
+    ("wrn28_2", CIFAR, 1_467_610),
+    ("wrn28_10", CIFAR, 36_479_194),
+  ],
+)
+def test_param_count_matches_reference(name, shape, expected):
+  model = create_model(name, 10, conv_impl="xla")
+  variables = _shapes(model, shape)
+  assert count_params(variables["params"]) == expected
+  logits = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(shape), train=False), variables)
+  assert logits.shape == (shape[0], 10)
+
+
+@pytest.mark.parametrize("name", [*MODEL_NAMES, "wrn16_2"])
+def test_prunable_weights_are_kernels_and_shapes_follow_num_classes(name):
+  shape = (3, 8, 8, 1) if name.startswith("lenet") else (3, 32, 32, 3)
+  model = create_model(name, 7, conv_impl="im2col")
+  variables = _shapes(model, shape)
+  names = {path[-1].key for path, _ in jax.tree_util.tree_leaves_with_path(variables["params"])}
+  assert names <= {"kernel", "bias", "scale"}
+  assert variables["params"]["head"]["kernel"].shape[-1] == 7
+  logits = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(shape), train=False), variables)
+  assert logits.shape == (3, 7)
+
+
+@pytest.mark.parametrize(
+  "name, blocks, width", [("wrn28_2", 4, 2), ("wrn16_8", 2, 8), ("wrn32_4", 5, 4)]
+)
+def test_wrn_blocks_per_stage_and_widths(name, blocks, width):
+  params = _shapes(create_model(name, 10, conv_impl="xla"), CIFAR)["params"]
+  for stage in (1, 2, 3):
+    assert sum(k.startswith(f"stage{stage}_") for k in params) == blocks
+  last = params[f"stage3_block{blocks}"]["conv2"]["kernel"]
+  assert last.shape == (3, 3, 64 * width, 64 * width)
+
+
+def test_wrn_depth_without_integer_block_count_raises():
+  with pytest.raises(ValueError, match="30"):
+    create_model("wrn30_2", 10)
+
+
+def test_unknown_model_raises_with_name_and_valid_names():
+  with pytest.raises(ValueError, match="nope") as info:
+    create_model("nope", 10)
+  assert "resnet20" in str(info.value) and "wrn" in str(info.value)
+
+
+def test_resolve_conv_impl():
+  assert resolve_conv_impl("xla") == "xla"
+  assert resolve_conv_impl("im2col") == "im2col"
+  assert resolve_conv_impl("auto") == ("im2col" if jax.default_backend() == "cpu" else "xla")
+  with pytest.raises(ValueError, match="bad"):
+    resolve_conv_impl("bad")
+  with pytest.raises(ValueError, match="bad"):
+    Conv(4, 3, impl="bad").init(jax.random.key(0), jnp.zeros((1, 5, 5, 2)))
+
+
+@pytest.mark.parametrize(
+  "kernel_size, strides, padding, hw",
+  [
+    (3, 1, "SAME", (9, 9)),
+    (3, 2, "SAME", (9, 7)),
+    (3, 2, "SAME", (8, 8)),
+    (5, 1, "SAME", (7, 8)),
+    (5, 2, "VALID", (11, 12)),
+    (1, 2, "SAME", (7, 9)),
+    (1, 1, "SAME", (6, 6)),
+    (3, 1, 1, (5, 6)),
+    ((2, 3), (2, 1), ((1, 0), (2, 1)), (7, 6)),
+  ],
+)
+def test_im2col_conv_equals_xla_conv(kernel_size, strides, padding, hw):
+  shape = (2, *hw, 3)
+  conv = lambda impl: Conv(5, kernel_size, strides, padding, impl=impl)
+  variables = _random_variables(conv("xla"), shape)
+  assert jax.tree.structure(variables) == jax.tree.structure(_shapes(conv("im2col"), shape))
+  x = jax.random.normal(jax.random.key(1), shape)
+  _assert_trees_close(conv("im2col").apply(variables, x), conv("xla").apply(variables, x))
+
+
+def _train_step(model):
+  return lambda variables, x: model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+
+# Eager applies: compiling resnet20 once per case would dominate this file's run time.
+@pytest.mark.parametrize("name, shape", [("resnet20", SMALL), ("lenet5", (4, 8, 8, 1))])
+def test_model_logits_do_not_depend_on_conv_impl(name, shape):
+  xla, im2col = (create_model(name, 10, conv_impl=impl) for impl in ("xla", "im2col"))
+  variables = _random_variables(xla, shape)
+  assert jax.tree.structure(variables) == jax.tree.structure(_shapes(im2col, shape))
+  x = jax.random.normal(jax.random.key(2), shape)
+  _assert_trees_close(
+    im2col.apply(variables, x, train=False), xla.apply(variables, x, train=False), tol=1e-4
+  )
+  _assert_trees_close(_train_step(im2col)(variables, x), _train_step(xla)(variables, x), tol=1e-4)
+
+
+@pytest.mark.parametrize("conv_impl", ["xla", "im2col"])
+def test_vmap_over_particles_equals_loop(conv_impl):
+  model = create_model("resnet20", 10, conv_impl=conv_impl)
+  shape, num_particles = SMALL, 3
+  particles = [_random_variables(model, shape, seed=p) for p in range(num_particles)]
+  stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *particles)
+  xs = jax.random.normal(jax.random.key(3), (num_particles, *shape))
+  lifted = jax.vmap(_train_step(model))(stacked, xs)
+  for p in range(num_particles):
+    expected = _train_step(model)(particles[p], xs[p])
+    _assert_trees_close(jax.tree.map(lambda leaf, p=p: leaf[p], lifted), expected)
+
+
+def test_bn_momentum_zero_gives_the_batch_statistics():
+  model = create_model("resnet20", 10, conv_impl="xla", bn_momentum=0.0)
+  variables = _random_variables(model, SMALL)
+  x = jax.random.normal(jax.random.key(5), SMALL)
+  _, updates = _train_step(model)(variables, x)
+  stem = Conv(16, 3, use_bias=False).apply({"params": variables["params"]["stem_conv"]}, x)
+  stats = updates["batch_stats"]["stem_bn"]
+  _assert_trees_close(stats, {"mean": stem.mean(axis=(0, 1, 2)), "var": stem.var(axis=(0, 1, 2))})
+
+
+@pytest.mark.parametrize("name", ["resnet20", "wrn16_2", "vgg11"])
+def test_every_batch_norm_honours_momentum(name):
+  """new = m * old + (1 - m) * batch statistic in every BN layer, with the batch statistic
+  taken from the same model built with momentum 0."""
+  shape = SMALL
+  x = jax.random.normal(jax.random.key(6), shape)
+  fresh = create_model(name, 10, conv_impl="im2col", bn_momentum=0.0)
+  variables = _random_variables(fresh, shape)
+  _, batch = _train_step(fresh)(variables, x)
+  slow = create_model(name, 10, conv_impl="im2col", bn_momentum=0.75)
+  _, updated = _train_step(slow)(variables, x)
+  old = variables["batch_stats"]
+  expected = jax.tree.map(lambda o, b: 0.75 * o + 0.25 * b, old, batch["batch_stats"])
+  _assert_trees_close(updated["batch_stats"], expected)
