@@ -63,6 +63,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.bn_recompute.enabled = True  # recompute BN stats of averaged weights
   c.bn_recompute.num_batches = 0  # <= 0: one full epoch
 
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 1000  # also at every round's end; 0: round ends only
+  c.checkpoint.keep = 3  # newest checkpoints kept (at least 2)
+
   c.eval_batch_size = 1000
   c.progress = True  # progress bar on the terminal
   c.overwrite = False  # allow a workdir that holds a finished run
@@ -115,6 +119,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size!r}")
   _require(
     config.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {config.eval_batch_size!r}"
+  )
+  _require(
+    config.checkpoint.every_steps >= 0,
+    f"checkpoint.every_steps must be >= 0, got {config.checkpoint.every_steps!r}",
   )
   _require(
     config.optimizer.name in optimizers.OPTIMIZER_NAMES,

@@ -48,18 +48,19 @@ class RoundOutput(NamedTuple):
   metrics: dict  # name -> scalar, or [N] for per-particle metrics
 
 
+# Raw uint32[2] keys (not typed key arrays): they checkpoint as plain arrays.
 def particle_key(seed: int, round_index: int, particle: int) -> jax.Array:
   """The data-order key of ``particle`` in ``round_index``."""
-  root = jax.random.fold_in(jax.random.key(seed), ROUND_STREAM)
+  root = jax.random.fold_in(jax.random.PRNGKey(seed), ROUND_STREAM)
   return jax.random.fold_in(jax.random.fold_in(root, round_index), particle)
 
 
 def pretrain_key(seed: int) -> jax.Array:
-  return jax.random.fold_in(jax.random.key(seed), PRETRAIN_STREAM)
+  return jax.random.fold_in(jax.random.PRNGKey(seed), PRETRAIN_STREAM)
 
 
 def init_key(seed: int) -> jax.Array:
-  return jax.random.fold_in(jax.random.key(seed), INIT_STREAM)
+  return jax.random.fold_in(jax.random.PRNGKey(seed), INIT_STREAM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,11 +168,19 @@ def create_round_programs(
   return RoundPrograms(start, train, finish)
 
 
-def epoch_chunks(start_step: int, end_step: int, steps_per_epoch: int):
-  """(start, num_steps) pieces of [start_step, end_step) that never cross an epoch."""
+def epoch_chunks(start_step: int, end_step: int, steps_per_epoch: int, every: int = 0):
+  """(start, num_steps) pieces of [start_step, end_step).
+
+  Pieces never cross an epoch, and also end at multiples of ``every`` (> 0)
+  global steps, where checkpoints are taken. The pieces are a function of the
+  absolute step numbers alone, so a run resumed at any piece boundary runs
+  the same compiled programs on the same pieces as an uninterrupted one.
+  """
   step = start_step
   while step < end_step:
     stop = min(end_step, (step // steps_per_epoch + 1) * steps_per_epoch)
+    if every > 0:
+      stop = min(stop, (step // every + 1) * every)
     yield step, stop - step
     step = stop
 

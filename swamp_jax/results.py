@@ -115,7 +115,13 @@ class SwampResult:
 
 
 def append_result(workdir: str, result: RoundResult) -> None:
-  """Appends one JSON line and flushes it to disk."""
+  """Appends one JSON line and flushes it to disk, once per round.
+
+  A run resumed from a checkpoint taken before this round's line was written
+  recomputes the same round; its line is then already there and not repeated.
+  """
+  if any(r.round == result.round for r in read_results(workdir)):
+    return
   with open(os.path.join(workdir, RESULTS_FILE), "a") as f:
     f.write(result.to_json() + "\n")
     f.flush()

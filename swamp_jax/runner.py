@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -13,9 +14,9 @@ import ml_collections
 import numpy as np
 import optax
 
+from swamp_jax import checkpointing, imp, masking, models, optimizers, particles
 from swamp_jax import config as config_lib
 from swamp_jax import data as data_lib
-from swamp_jax import imp, masking, models, optimizers, particles
 from swamp_jax import results as results_lib
 
 FINAL_MODEL_DIR = "final_model"
@@ -23,28 +24,38 @@ CONFIG_FILE = "config.json"
 
 
 def _prepare_workdir(workdir: str, overwrite: bool) -> None:
-  """Refuses a workdir holding an earlier run unless told to overwrite."""
+  """Refuses a finished run unless told to overwrite; an unfinished one is resumed.
+
+  With ``overwrite`` everything an earlier run wrote here is removed first.
+  """
   os.makedirs(workdir, exist_ok=True)
-  earlier = [
-    p
-    for p in (results_lib.RESULTS_FILE, FINAL_MODEL_DIR)
-    if os.path.exists(os.path.join(workdir, p))
+  owned = [
+    FINAL_MODEL_DIR,
+    checkpointing.CHECKPOINT_DIR,
+    results_lib.RESULTS_FILE,
+    CONFIG_FILE,
+    results_lib.PLOT_FILE,
   ]
-  if not earlier:
+  if overwrite:
+    for p in owned:
+      path = os.path.join(workdir, p)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
     return
-  if not overwrite:
-    finished = FINAL_MODEL_DIR in earlier
+  if os.path.exists(os.path.join(workdir, FINAL_MODEL_DIR)):
     raise FileExistsError(
-      f"workdir {workdir!r} already holds {'a finished' if finished else 'an unfinished'} "
-      f"run ({', '.join(earlier)}); "
-      "choose another workdir, or set overwrite=True (--config.overwrite=True) to replace it"
+      f"workdir {workdir!r} already holds a finished run ({FINAL_MODEL_DIR}, "
+      f"{results_lib.RESULTS_FILE}); choose another workdir, or set overwrite=True "
+      "(--config.overwrite=True) to replace it"
     )
-  for p in earlier + [CONFIG_FILE, results_lib.PLOT_FILE]:
-    path = os.path.join(workdir, p)
-    if os.path.isdir(path):
-      shutil.rmtree(path)
-    elif os.path.exists(path):
-      os.remove(path)
+  has_results = os.path.exists(os.path.join(workdir, results_lib.RESULTS_FILE))
+  if has_results and not os.path.isdir(os.path.join(workdir, checkpointing.CHECKPOINT_DIR)):
+    raise FileExistsError(
+      f"workdir {workdir!r} holds results of an earlier run but no checkpoints to resume from; "
+      "choose another workdir, or set overwrite=True to replace it"
+    )
 
 
 def _resolve_optimizer(config, optimizer) -> optimizers.OptimizerFactory:
@@ -62,16 +73,6 @@ def _resolve_optimizer(config, optimizer) -> optimizers.OptimizerFactory:
     "optimizer must be an optax.GradientTransformation or a function schedule -> transform, "
     f"got {type(optimizer).__name__}"
   )
-
-
-def _check_finite(losses: np.ndarray, round_name: str, start_step: int) -> None:
-  bad = np.argwhere(~np.isfinite(losses))
-  if bad.size:
-    step, particle = bad[0]
-    raise FloatingPointError(
-      f"training diverged: loss {losses[step, particle]} in {round_name} at step "
-      f"{start_step + int(step)}, particle {int(particle)}"
-    )
 
 
 class _Progress:
@@ -100,44 +101,41 @@ class _Progress:
       self.bar.close()
 
 
-def run(
-  config: ml_collections.ConfigDict,
-  workdir: str | None = None,
-  optimizer: optimizers.OptimizerFactory | optax.GradientTransformation | None = None,
-) -> results_lib.SwampResult:
-  """Runs SWAMP as configured and returns its per-round results and final model.
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+  """Everything a run derives from its config before training."""
 
-  Args:
-    config: a config from ``get_default_config()`` or ``configs/*.py``.
-      ``num_particles=1`` with ``swa.enabled=False`` is IMP; with SWA,
-      IMP+SWA; ``swa.enabled=False`` with N > 1 is SWAMP without SWA;
-      ``single_particle_rounds=k`` is SWAMP+.
-    workdir: where to write ``results.jsonl`` (one line per round, as each
-      round ends), ``config.json``, the accuracy-vs-sparsity plot and the
-      final averaged model and mask (orbax). None writes nothing.
-    optimizer: a custom optax optimizer, as ``schedule -> transform`` (it
-      gets SWAMP's learning-rate schedule, resumed at the rewind step each
-      round) or a fixed ``optax.GradientTransformation``. It is wrapped with
-      ``optimizers.masked``; None builds ``config.optimizer``.
+  config: ml_collections.ConfigDict
+  dataset_name: str
+  spe: int  # steps per epoch
+  rewind_step: int  # T0
+  end_step: int  # T
+  params: object  # initial weights
+  batch_stats: object
+  prunable: object
+  pretrain: imp.RoundPrograms
+  rounds: imp.RoundPrograms
+  train_data: particles.DeviceData
+  eval_data: imp.EvalData
 
-  Returns:
-    A ``SwampResult``.
+  @property
+  def checkpoint_every(self) -> int:
+    return self.config.checkpoint.every_steps
 
-  Raises:
-    ValueError: a config field is unknown or out of range, or the model or
-      dataset name is unknown.
-    FileExistsError: ``workdir`` holds an earlier run and not ``overwrite``.
-    FloatingPointError: a particle's loss became NaN or inf.
-  """
-  config_lib.validate_config(config)
-  factory = _resolve_optimizer(config, optimizer)
-  models.create_model(config.model.name, 10)  # unknown model names fail before any I/O
-  if workdir is not None:
-    workdir = os.path.abspath(workdir)
-    _prepare_workdir(workdir, config.overwrite)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  def programs(self, phase: int) -> imp.RoundPrograms:
+    return self.pretrain if phase == checkpointing.PRETRAIN_PHASE else self.rounds
 
+  def keys(self, phase: int) -> jax.Array:
+    if phase == checkpointing.PRETRAIN_PHASE:
+      return imp.pretrain_key(self.config.seed)[None]
+    n = config_lib.num_particles_in_round(self.config, phase)
+    return jnp.stack([imp.particle_key(self.config.seed, phase, i) for i in range(n)])
+
+  def start(self, phase: int, ticket: imp.Ticket, mask):
+    return self.programs(phase).start(ticket.params, ticket.batch_stats, mask, self.keys(phase))
+
+
+def _create_setup(config, factory: optimizers.OptimizerFactory) -> _Setup:
   dataset = data_lib.load_dataset(
     config.dataset.name,
     config.dataset.data_dir,
@@ -164,7 +162,7 @@ def run(
     config.optimizer.final_learning_rate,
   )
   augment = (
-    dataset.name.startswith("cifar")
+    data_lib.default_augment(dataset.name)
     if config.dataset.augment == "auto"
     else config.dataset.augment == "yes"
   )
@@ -173,9 +171,10 @@ def run(
     num_examples=len(dataset.train_labels),
     augment=augment,
     swa_start_step=end_step + 1 if swa_start is None else swa_start,
-    swa_every_steps=max(1, config.swa.every_epochs) * spe,
+    swa_every_steps=config.swa.every_epochs * spe,
   )
-
+  # The dense phase before the ticket: one network, no SWA.
+  pretrain_spec = dataclasses.replace(spec, swa_start_step=rewind_step + 1)
   variables = model.init(
     imp.init_key(config.seed), jnp.zeros((1, *dataset.image_shape), jnp.float32), train=False
   )
@@ -188,89 +187,213 @@ def run(
     bn_num_batches=config.bn_recompute.num_batches,
     eval_batch_size=config.eval_batch_size,
   )
-  train_data = particles.DeviceData(
-    jnp.asarray(dataset.train_images),
-    jnp.asarray(dataset.train_labels),
-    jnp.asarray(dataset.mean),
-    jnp.asarray(dataset.std),
-  )
-  eval_data = imp.EvalData(
-    *(
-      jnp.asarray(a)
-      for a in (
-        dataset.test_images,
-        dataset.test_labels,
-        dataset.validation_images,
-        dataset.validation_labels,
+  pretrain_tx = optimizers.masked(factory(schedule))
+  round_tx = optimizers.masked(factory(optimizers.offset_schedule(schedule, rewind_step)))
+  return _Setup(
+    config=config,
+    dataset_name=dataset.name,
+    spe=spe,
+    rewind_step=rewind_step,
+    end_step=end_step,
+    params=params,
+    batch_stats=batch_stats,
+    prunable=prunable,
+    pretrain=imp.create_round_programs(model, pretrain_tx, pretrain_spec, prunable, settings),
+    rounds=imp.create_round_programs(model, round_tx, spec, prunable, settings),
+    train_data=particles.DeviceData(
+      *(
+        jnp.asarray(a)
+        for a in (dataset.train_images, dataset.train_labels, dataset.mean, dataset.std)
       )
-    )
+    ),
+    eval_data=imp.EvalData(
+      *(
+        jnp.asarray(a)
+        for a in (
+          dataset.test_images,
+          dataset.test_labels,
+          dataset.validation_images,
+          dataset.validation_labels,
+        )
+      )
+    ),
   )
 
+
+def _initial_point(setup: _Setup) -> checkpointing.ResumePoint:
+  phase = checkpointing.PRETRAIN_PHASE if setup.rewind_step > 0 else 0
+  ticket = imp.Ticket(setup.params, setup.batch_stats)
+  mask = masking.create_dense_mask(setup.params)
+  step = 0 if phase == checkpointing.PRETRAIN_PHASE else setup.rewind_step
+  return checkpointing.ResumePoint(phase, step, ticket, mask, setup.start(phase, ticket, mask), [])
+
+
+def _abstract_state(setup: _Setup, phase: int) -> dict:
+  """Shapes and dtypes of a checkpoint's state at ``phase``, to restore into."""
+  ticket = imp.Ticket(setup.params, setup.batch_stats)
+  mask = masking.create_dense_mask(setup.params)
+  return jax.eval_shape(
+    lambda: {"ticket": ticket, "mask": mask, "particles": setup.start(phase, ticket, mask)}
+  )
+
+
+def _train(setup: _Setup, point: checkpointing.ResumePoint, manager, workdir, progress):
+  """Trains from ``point`` to the end; returns (round results, final (params, bs, mask))."""
+  config = setup.config
+  phase, step, ticket, mask, states = point[:5]
+  rounds = [results_lib.RoundResult(**d) for d in point.results]
+
+  def checkpoint(phase, step, states):
+    if manager is not None:
+      results = [dataclasses.asdict(r) for r in rounds]
+      point = checkpointing.ResumePoint(phase, step, ticket, mask, states, results)
+      checkpointing.save(manager, point, config, setup.rewind_step, setup.end_step)
+
+  def train_phase(phase, step, states, end, name):
+    programs = setup.programs(phase)
+    for start, n in imp.epoch_chunks(step, end, setup.spe, setup.checkpoint_every):
+      states, losses = programs.train(
+        states, mask, setup.train_data, imp.as_step(start), num_steps=n
+      )
+      losses = np.asarray(losses)
+      if not np.all(np.isfinite(losses)):
+        if manager is not None:
+          manager.wait_until_finished()  # the last good checkpoint is safe before we stop
+        _raise_diverged(losses, name, start)
+      step = start + n
+      epoch_in_phase = -(-(step - (0 if phase < 0 else setup.rewind_step)) // setup.spe)
+      progress.update(
+        n / setup.spe,
+        round=name,
+        epoch=epoch_in_phase,
+        loss=" ".join(f"{v:.3f}" for v in losses.mean(0)),
+      )
+      if setup.checkpoint_every and step % setup.checkpoint_every == 0 and step < end:
+        checkpoint(phase, step, states)
+    return states
+
+  if phase == checkpointing.PRETRAIN_PHASE:
+    states = train_phase(phase, step, states, setup.rewind_step, "rewind")
+    # The ticket: weights and BN statistics at the rewind step T0.
+    ticket = imp.Ticket(
+      *jax.tree_util.tree_map(lambda x: x[0], (states.params, states.batch_stats))
+    )
+    phase, step = 0, setup.rewind_step
+    states = setup.start(phase, ticket, mask)
+    checkpoint(phase, step, states)
+
+  final = None
+  while phase <= config.num_rounds:
+    t0 = time.time()
+    states = train_phase(phase, step, states, setup.end_step, phase)
+    out = setup.rounds.finish(states, mask, setup.train_data, setup.eval_data)
+    remaining, total = masking.count_prunable(mask, setup.prunable)
+    result = results_lib.RoundResult.from_metrics(
+      phase,
+      int(remaining),
+      total,
+      int(states.key.shape[0]),
+      jax.device_get(out.metrics),
+      time.time() - t0,
+    )
+    rounds.append(result)
+    progress.write(
+      f"round {phase}: sparsity {100 * result.sparsity:.2f}%  "
+      f"average {100 * result.test_accuracy:.2f}%  particles "
+      + " ".join(f"{100 * a:.2f}" for a in result.particle_test_accuracy)
+    )
+    if workdir is not None:
+      results_lib.append_result(workdir, result)
+    final = (out.params, out.batch_stats, mask)
+    mask, phase, step = out.next_mask, phase + 1, setup.rewind_step
+    if phase <= config.num_rounds:
+      states = setup.start(phase, ticket, mask)
+      checkpoint(phase, step, states)
+  return rounds, final
+
+
+def _raise_diverged(losses: np.ndarray, name, start_step: int):
+  step, particle = np.argwhere(~np.isfinite(losses))[0]
+  where = "the dense training to the rewind point" if name == "rewind" else f"round {name}"
+  raise FloatingPointError(
+    f"training diverged: loss {losses[step, particle]} in {where} at step "
+    f"{start_step + int(step)}, particle {int(particle)}; the last good checkpoint is kept"
+  )
+
+
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str | None = None,
+  optimizer: optimizers.OptimizerFactory | optax.GradientTransformation | None = None,
+) -> results_lib.SwampResult:
+  """Runs SWAMP as configured and returns its per-round results and final model.
+
+  With a workdir the run is preemption-safe: it checkpoints (orbax) at every
+  round's end and every ``checkpoint.every_steps`` steps, and the same call
+  on the same workdir resumes from the newest complete checkpoint, finishing
+  with exactly the result an uninterrupted run has.
+
+  Args:
+    config: a config from ``get_default_config()`` or ``configs/*.py``.
+      ``num_particles=1`` with ``swa.enabled=False`` is IMP; with SWA,
+      IMP+SWA; ``swa.enabled=False`` with N > 1 is SWAMP without SWA;
+      ``single_particle_rounds=k`` is SWAMP+.
+    workdir: where to write ``results.jsonl`` (one line per round, as each
+      round ends), ``config.json``, checkpoints, the accuracy-vs-sparsity
+      plot and the final averaged model and mask (orbax). None: nothing is
+      written and nothing can be resumed.
+    optimizer: a custom optax optimizer, as ``schedule -> transform`` (it
+      gets SWAMP's learning-rate schedule, resumed at the rewind step each
+      round) or a fixed ``optax.GradientTransformation``. It is wrapped with
+      ``optimizers.masked``; None builds ``config.optimizer``.
+
+  Returns:
+    A ``SwampResult``.
+
+  Raises:
+    ValueError: a config field is unknown or out of range, or the model or
+      dataset name is unknown.
+    FileExistsError: ``workdir`` holds a finished run and not ``overwrite``.
+    checkpointing.IncompatibleCheckpointError: ``workdir`` holds checkpoints
+      of a run with different math (the fields are named).
+    FloatingPointError: a particle's loss became NaN or inf (after the last
+      good checkpoint is on disk).
+  """
+  config_lib.validate_config(config)
+  factory = _resolve_optimizer(config, optimizer)
+  models.create_model(config.model.name, 10)  # unknown model names fail before any I/O
+  if workdir is not None:
+    workdir = os.path.abspath(workdir)
+    _prepare_workdir(workdir, config.overwrite)
+  setup = _create_setup(config, factory)
+  manager = None
+  if workdir is not None:
+    manager = checkpointing.create_manager(workdir, config.checkpoint.keep)
   progress = _Progress(
     config.rewind_epochs + (config.num_rounds + 1) * config.epochs_per_round, config.progress
   )
-  mask = masking.create_dense_mask(params)
   try:
-    # The ticket: dense training to the rewind step T0 (weights and BN stats).
-    if rewind_step > 0:
-      pre = imp.create_round_programs(
-        model,
-        optimizers.masked(factory(schedule)),
-        particles.StepSpec(spec.batch_size, spec.num_examples, augment, rewind_step + 1, spe),
-        prunable,
-        settings,
+    point = None
+    if manager is not None:
+      point = checkpointing.restore_latest(
+        manager, config, lambda phase: _abstract_state(setup, phase)
       )
-      states = pre.start(params, batch_stats, mask, imp.pretrain_key(config.seed)[None])
-      for start, n in imp.epoch_chunks(0, rewind_step, spe):
-        states, losses = pre.train(states, mask, train_data, imp.as_step(start), num_steps=n)
-        losses = np.asarray(losses)
-        _check_finite(losses, "the dense pre-training to the rewind point", start)
-        progress.update(n / spe, phase="rewind", loss=f"{losses.mean():.3f}")
-      params, batch_stats = jax.tree_util.tree_map(
-        lambda x: x[0], (states.params, states.batch_stats)
-      )
-    ticket = imp.Ticket(params, batch_stats)
-
-    programs = imp.create_round_programs(
-      model,
-      optimizers.masked(factory(optimizers.offset_schedule(schedule, rewind_step))),
-      spec,
-      prunable,
-      settings,
-    )
-    rounds = []
-    for r in range(config.num_rounds + 1):
-      t0 = time.time()
-      n_particles = config_lib.num_particles_in_round(config, r)
-      keys = jnp.stack([imp.particle_key(config.seed, r, n) for n in range(n_particles)])
-      states = programs.start(ticket.params, ticket.batch_stats, mask, keys)
-      for start, n in imp.epoch_chunks(rewind_step, end_step, spe):
-        states, losses = programs.train(states, mask, train_data, imp.as_step(start), num_steps=n)
-        losses = np.asarray(losses)
-        _check_finite(losses, f"round {r}", start)
-        progress.update(
-          n / spe,
-          round=r,
-          epoch=(start + n - rewind_step) // spe,
-          loss=" ".join(f"{v:.3f}" for v in losses.mean(0)),
-        )
-      out = programs.finish(states, mask, train_data, eval_data)
-      remaining, total = masking.count_prunable(mask, prunable)
-      result = results_lib.RoundResult.from_metrics(
-        r, int(remaining), total, n_particles, jax.device_get(out.metrics), time.time() - t0
-      )
-      rounds.append(result)
-      progress.write(
-        f"round {r}: sparsity {100 * result.sparsity:.2f}%  "
-        f"average {100 * result.test_accuracy:.2f}%"
-        f"  particles {' '.join(f'{100 * a:.2f}' for a in result.particle_test_accuracy)}"
-      )
-      if workdir is not None:
-        results_lib.append_result(workdir, result)
-      final = (out.params, out.batch_stats, mask)
-      mask = out.next_mask
+    if point is None:
+      point = _initial_point(setup)
+      if manager is not None:  # a good state on disk before anything can diverge
+        checkpointing.save(manager, point, config, setup.rewind_step, setup.end_step)
+    else:
+      done = checkpointing.progress_step(point.phase, point.step, setup.rewind_step, setup.end_step)
+      progress.update(done / setup.spe, resumed=f"round {point.phase} step {point.step}")
+    if workdir is not None:
+      with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    rounds, final = _train(setup, point, manager, workdir, progress)
   finally:
     progress.close()
+    if manager is not None:
+      manager.wait_until_finished()
+      manager.close()
 
   params, batch_stats, mask = jax.device_get(final)
   outcome = results_lib.SwampResult(rounds, params, batch_stats, mask, workdir)

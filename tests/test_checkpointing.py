@@ -1,0 +1,165 @@
+"""Preemption safety: SIGKILL and resume, corrupted and incompatible checkpoints, divergence."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import swamp_jax
+from swamp_jax import checkpointing, results
+
+from .conftest import REPO
+
+CLI_OVERRIDES = [
+  "--config.model.name=lenet300_100",
+  "--config.num_particles=2",
+  "--config.num_rounds=3",
+  "--config.epochs_per_round=3",
+  "--config.checkpoint.every_steps=4",
+  "--config.progress=False",
+]
+
+
+def _launch(workdir):
+  return subprocess.Popen(
+    [
+      sys.executable,
+      "-m",
+      "swamp_jax",
+      "--config",
+      "configs/digits.py",
+      f"--workdir={workdir}",
+      *CLI_OVERRIDES,
+    ],
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+  )
+
+
+def _checkpoint_steps(workdir: pathlib.Path) -> set[int]:
+  d = workdir / checkpointing.CHECKPOINT_DIR
+  return {int(p.name) for p in d.iterdir() if p.name.isdigit()} if d.is_dir() else set()
+
+
+def _assert_same_model(a_dir, b_dir):
+  a = swamp_jax.load_final_model(str(a_dir / "final_model"))
+  b = swamp_jax.load_final_model(str(b_dir / "final_model"))
+  leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b, strict=True):
+    np.testing.assert_array_equal(x, y)  # bit-identical
+
+
+def _round_lines(workdir):
+  lines = [json.loads(x) for x in (workdir / results.RESULTS_FILE).read_text().splitlines()]
+  return [{k: v for k, v in d.items() if k != "seconds"} for d in lines]
+
+
+def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_result(tmp_path):
+  reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+  proc = _launch(reference)
+  assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
+
+  # Checkpoint ids count steps trained: 11 dense + 4 rounds x 33 = 143 in all.
+  kills = 0
+  for progress in (20, 90):  # kill in round 0, then again in round 2
+    proc = _launch(resumed)
+    deadline = time.time() + 240
+    while time.time() < deadline and max(_checkpoint_steps(resumed), default=-1) < progress:
+      assert proc.poll() is None, "the run finished before it could be killed"
+      time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (resumed / "final_model").exists()
+    kills += 1
+  proc = _launch(resumed)
+  assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-3000:]
+  assert kills == 2
+  _assert_same_model(reference, resumed)
+  # One line per round, never duplicated or lost, with the same numbers.
+  assert [d["round"] for d in _round_lines(resumed)] == [0, 1, 2, 3]
+  assert _round_lines(resumed) == _round_lines(reference)
+
+
+def _run_then_remove_final(config, workdir):
+  """A run whose last part is 'lost': keep its checkpoints, drop what came after them."""
+  out = swamp_jax.run(config, str(workdir))
+  import shutil
+
+  shutil.rmtree(workdir / "final_model")
+  return out
+
+
+def test_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tiny_config, tmp_path):
+  tiny_config.checkpoint.every_steps = 5
+  reference = swamp_jax.run(tiny_config, str(tmp_path / "reference"))
+  work = tmp_path / "work"
+  _run_then_remove_final(tiny_config, work)
+  steps = sorted(_checkpoint_steps(work))
+  assert len(steps) >= 2
+  newest = work / checkpointing.CHECKPOINT_DIR / str(steps[-1]) / "state"
+  for path in newest.rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"garbage" * 10)
+  resumed = swamp_jax.run(tiny_config, str(work))
+  for a, b in zip(
+    jax.tree_util.tree_leaves(reference.params),
+    jax.tree_util.tree_leaves(resumed.params),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(a, b)
+  assert (work / checkpointing.CHECKPOINT_DIR / str(steps[-2])).is_dir()
+  aside = work / (checkpointing.CHECKPOINT_DIR + checkpointing.QUARANTINE_SUFFIX)
+  assert [p.name.split("-")[0] for p in aside.iterdir()] == [str(steps[-1])]
+
+
+def test_checkpoint_of_different_math_is_refused_naming_the_fields(tiny_config, tmp_path):
+  _run_then_remove_final(tiny_config, tmp_path)
+  before = sorted(_checkpoint_steps(tmp_path))
+  tiny_config.num_particles = 3
+  tiny_config.model.name = "lenet5"
+  with pytest.raises(
+    checkpointing.IncompatibleCheckpointError,
+    match=r"model.name: 'lenet300_100'.*'lenet5'.*num_particles: 2.*3",
+  ):
+    swamp_jax.run(tiny_config, str(tmp_path))
+  assert sorted(_checkpoint_steps(tmp_path)) == before
+
+
+def test_changing_fields_that_do_not_change_the_math_is_allowed(tiny_config, tmp_path):
+  reference = swamp_jax.run(tiny_config, str(tmp_path / "reference"))
+  work = tmp_path / "work"
+  _run_then_remove_final(tiny_config, work)
+  tiny_config.eval_batch_size = 100
+  tiny_config.checkpoint.keep = 5
+  resumed = swamp_jax.run(tiny_config, str(work))
+  assert resumed.final.round == reference.final.round
+  assert len(results.read_results(str(work))) == tiny_config.num_rounds + 1
+
+
+def test_divergence_stops_with_round_step_and_particle_after_a_good_checkpoint(
+  tiny_config, tmp_path
+):
+  tiny_config.rewind_epochs = 0
+  tiny_config.optimizer.learning_rate = 1e8
+  tiny_config.swa.learning_rate = 1e8
+  with pytest.raises(FloatingPointError, match=r"round 0 at step \d+, particle \d"):
+    swamp_jax.run(tiny_config, str(tmp_path))
+  assert _checkpoint_steps(tmp_path)  # the last good state is on disk
+  assert not (tmp_path / results.RESULTS_FILE).exists()
+
+
+def test_progress_step_is_monotone_over_the_run():
+  ids = [checkpointing.progress_step(-1, s, 10, 40) for s in range(0, 10)]
+  for r in range(3):
+    ids += [checkpointing.progress_step(r, s, 10, 40) for s in range(10, 40)]
+  assert ids == sorted(ids) and len(set(ids)) == len(ids)
+  assert os.path.basename(checkpointing.CHECKPOINT_DIR) == "checkpoints"
