@@ -14,7 +14,7 @@ from swamp_jax.masking import (
 from swamp_jax.models import create_model
 from swamp_jax.optimizers import MaskedState, create_learning_rate_schedule, masked
 from swamp_jax.results import RoundResult, SwampResult
-from swamp_jax.runner import load_final_model, run
+from swamp_jax.runner import load_final_model, load_round_model, run
 from swamp_jax.swa import SWAState
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
   "interpolate",
   "load_dataset",
   "load_final_model",
+  "load_round_model",
   "masked",
   "recompute_batch_stats",
   "run",

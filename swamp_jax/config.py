@@ -67,6 +67,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 1000  # also at every round's end; 0: round ends only
   c.checkpoint.keep = 3  # newest checkpoints kept (at least 2)
 
+  c.save_particles = True  # also save each particle's solution per round (for analyses)
   c.eval_batch_size = 1000
   c.progress = True  # progress bar on the terminal
   c.overwrite = False  # allow a workdir that holds a finished run

@@ -46,6 +46,8 @@ class RoundOutput(NamedTuple):
   batch_stats: Any  # their (recomputed) BatchNorm statistics
   next_mask: Any  # the mask pruned from w_bar
   metrics: dict  # name -> scalar, or [N] for per-particle metrics
+  particle_params: Any  # each particle's solution (SWA mean or last weights), [N, ...]
+  particle_batch_stats: Any  # their BatchNorm statistics, [N, ...]
 
 
 # Raw uint32[2] keys (not typed key arrays): they checkpoint as plain arrays.
@@ -134,7 +136,7 @@ def finish_round(
       for name, value in evaluate(avg_params, running_bs).items():
         metrics[f"average_running_bn/{split}_{name}"] = value
   next_mask = masking.compute_mask(avg_params, mask, prunable, settings.prune_fraction)
-  return RoundOutput(avg_params, avg_bs, next_mask, metrics)
+  return RoundOutput(avg_params, avg_bs, next_mask, metrics, solutions, particle_bs)
 
 
 @dataclasses.dataclass(frozen=True)

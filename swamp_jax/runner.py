@@ -20,6 +20,7 @@ from swamp_jax import data as data_lib
 from swamp_jax import results as results_lib
 
 FINAL_MODEL_DIR = "final_model"
+ROUND_MODELS_DIR = "round_models"
 CONFIG_FILE = "config.json"
 
 
@@ -303,6 +304,7 @@ def _train(setup: _Setup, point: checkpointing.ResumePoint, manager, workdir, pr
       + " ".join(f"{100 * a:.2f}" for a in result.particle_test_accuracy)
     )
     if workdir is not None:
+      save_round_model(workdir, phase, out, mask, config.save_particles)
       results_lib.append_result(workdir, result)
     final = (out.params, out.batch_stats, mask)
     mask, phase, step = out.next_mask, phase + 1, setup.rewind_step
@@ -408,12 +410,41 @@ def run(
   return outcome
 
 
-def save_final_model(path: str, params, batch_stats, mask) -> None:
-  """Saves the averaged model and its mask with orbax (one pytree)."""
+def round_model_path(workdir: str, round_index: int) -> str:
+  return os.path.join(workdir, ROUND_MODELS_DIR, f"round_{round_index:03d}")
+
+
+def save_round_model(
+  workdir: str, round_index: int, out: imp.RoundOutput, mask, with_particles: bool
+) -> None:
+  """Saves a round's averaged model and mask (and each particle's solution) with orbax.
+
+  Analyses (ensembles, mode connectivity, flatness, mask quality) read these.
+  Written before the round's result line, so a listed round always has its
+  model; a resumed run rewrites the same values.
+  """
+  tree = {"params": out.params, "batch_stats": out.batch_stats, "mask": mask}
+  if with_particles:
+    tree["particle_params"] = out.particle_params
+    tree["particle_batch_stats"] = out.particle_batch_stats
+  _save_tree(round_model_path(workdir, round_index), jax.device_get(tree))
+
+
+def load_round_model(workdir: str, round_index: int) -> dict:
+  """Restores what ``save_round_model`` wrote for ``round_index``."""
+  return load_final_model(round_model_path(workdir, round_index))
+
+
+def _save_tree(path: str, tree) -> None:
   import orbax.checkpoint as ocp
 
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(path, {"params": params, "batch_stats": batch_stats, "mask": mask})
+    checkpointer.save(path, tree, force=True)
+
+
+def save_final_model(path: str, params, batch_stats, mask) -> None:
+  """Saves the averaged model and its mask with orbax (one pytree)."""
+  _save_tree(path, {"params": params, "batch_stats": batch_stats, "mask": mask})
 
 
 def load_final_model(path: str) -> dict:

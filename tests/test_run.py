@@ -32,6 +32,10 @@ def test_end_to_end_on_digits_writes_everything(tiny_config, tmp_path):
   # One JSON line per round, equal to what run returned.
   assert results.read_results(str(tmp_path)) == out.rounds
   assert (tmp_path / results.PLOT_FILE).stat().st_size > 1000
+  r2 = swamp_jax.load_round_model(str(tmp_path), 2)
+  assert r2["particle_params"]["conv1"]["kernel"].shape[0] == 2
+  for a, b in zip(_leaves(r2["params"]), _leaves(out.params), strict=True):
+    np.testing.assert_array_equal(a, b)
   saved = swamp_jax.load_final_model(str(tmp_path / "final_model"))
   for a, b in zip(_leaves(saved["params"]), _leaves(out.params), strict=True):
     np.testing.assert_array_equal(a, b)
