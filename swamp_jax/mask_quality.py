@@ -1,0 +1,153 @@
+"""Mask quality: IMP retraining of the rewound ticket on a fixed mask (the paper's claim 5).
+
+Claim 5 says SWAMP's mask is better: IMP training on SWAMP's round-r mask
+beats IMP on IMP's own round-r mask. Only the mask may differ between the
+two, so ``retrain_on_mask`` trains exactly what IMP's round r trains (one
+network, no SWA, IMP's learning-rate schedule, the ticket at T0 with its
+BatchNorm statistics, round r's data order) on the mask it is given. On
+IMP's own mask it reproduces the IMP run's round r.
+
+The ticket is recomputed from the config (the dense training to T0 is
+deterministic) unless given. Note that the ticket depends on the config's
+schedule, which depends on the SWA settings: IMP's and SWAMP's tickets of one
+seed differ slightly. By default both masks are retrained from IMP's ticket.
+
+This reuses ``runner``'s private setup (``runner._create_setup`` and the
+programs it holds), so a round trains as ``run`` trains it, with no copy of
+the training loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from swamp_jax import checkpointing, imp, masking, optimizers, runner
+from swamp_jax import config as config_lib
+
+
+class MaskRetrainResult(NamedTuple):
+  """One IMP round trained on a given mask (host values)."""
+
+  test_accuracy: float
+  test_loss: float
+  validation_accuracy: float | None  # None without a validation split
+  sparsity: float  # of the prunable weights, from the mask
+  params: Any  # the trained weights (zero wherever the mask prunes)
+  batch_stats: Any  # their recomputed (if the config says so) BN statistics
+  mask: Any
+
+
+def create_imp_config(config):
+  """A copy of ``config`` that trains plain IMP: one particle, no SWA."""
+  config = config.copy_and_resolve_references()
+  config.num_particles = 1
+  config.single_particle_rounds = 0
+  config.swa.enabled = False
+  config.progress = False
+  return config
+
+
+def _create_setup(config):
+  config_lib.validate_config(config)
+  return runner._create_setup(config, optimizers.create_optimizer_factory(config))
+
+
+def _train(setup, phase: int, states, mask, start_step: int, end_step: int):
+  # The same pieces as run's, so the same compiled programs run on the same steps.
+  programs = setup.programs(phase)
+  for start, n in imp.epoch_chunks(start_step, end_step, setup.spe, setup.checkpoint_every):
+    states, losses = programs.train(states, mask, setup.train_data, imp.as_step(start), num_steps=n)
+    if not np.all(np.isfinite(np.asarray(losses))):
+      raise FloatingPointError(
+        f"training diverged in steps [{start}, {start + n}) of phase {phase}"
+      )
+  return states
+
+
+def _compute_ticket(setup) -> imp.Ticket:
+  ticket = imp.Ticket(setup.params, setup.batch_stats)
+  if setup.rewind_step == 0:
+    return ticket
+  phase = checkpointing.PRETRAIN_PHASE
+  dense = masking.create_dense_mask(setup.params)
+  states = _train(setup, phase, setup.start(phase, ticket, dense), dense, 0, setup.rewind_step)
+  return imp.Ticket(*jax.tree_util.tree_map(lambda x: x[0], (states.params, states.batch_stats)))
+
+
+def compute_ticket(config) -> imp.Ticket:
+  """The ticket (weights and BN statistics at T0) that ``run(config)`` trains from.
+
+  With ``rewind_epochs=0`` it is the initialization. Deterministic: the same
+  config and seed give the same ticket as the run.
+  """
+  return _compute_ticket(_create_setup(config))
+
+
+def retrain_on_mask(config, mask, ticket: imp.Ticket | None = None, round_index: int = 0):
+  """Trains one IMP round from the rewound ticket on ``mask``; evaluates it.
+
+  Args:
+    config: a run config; it is turned into IMP's (``create_imp_config``),
+      whatever its particles and SWA settings.
+    mask: bool pytree with the structure and shapes of the model's params
+      (e.g. ``runner.load_round_model(workdir, r)['mask']``).
+    ticket: the rewind point to start from; None: IMP's ticket of this
+      config (``compute_ticket(create_imp_config(config))``).
+    round_index: whose data order to use (``imp.particle_key(seed, r, 0)``);
+      with IMP's own round-r mask and r here, IMP's round r is reproduced.
+
+  Returns:
+    A ``MaskRetrainResult``.
+
+  Raises:
+    ValueError: the mask does not fit the model's params.
+  """
+  setup = _create_setup(create_imp_config(config))
+  params_struct = jax.tree_util.tree_structure(setup.params)
+  if jax.tree_util.tree_structure(mask) != params_struct:
+    raise ValueError(
+      f"the mask's structure {jax.tree_util.tree_structure(mask)} differs from the "
+      f"params' {params_struct}"
+    )
+  for m, p in zip(
+    jax.tree_util.tree_leaves(mask), jax.tree_util.tree_leaves(setup.params), strict=True
+  ):
+    if np.shape(m) != np.shape(p):
+      raise ValueError(
+        f"a mask leaf of shape {np.shape(m)} does not fit a param of shape {np.shape(p)}"
+      )
+  # Host arrays: the programs place them wherever their inputs are meant to live.
+  mask = jax.tree_util.tree_map(lambda m: np.asarray(m, np.bool_), mask)
+  if ticket is None:
+    ticket = _compute_ticket(setup)
+  states = setup.start(round_index, ticket, mask)
+  states = _train(setup, round_index, states, mask, setup.rewind_step, setup.end_step)
+  out = setup.rounds.finish(states, mask, setup.train_data, setup.eval_data)
+  metrics = jax.device_get(out.metrics)
+  validation = metrics.get("average/validation_accuracy")
+  params, batch_stats, mask = jax.device_get((out.params, out.batch_stats, mask))
+  return MaskRetrainResult(
+    test_accuracy=float(metrics["average/test_accuracy"]),
+    test_loss=float(metrics["average/test_loss"]),
+    validation_accuracy=None if validation is None else float(validation),
+    sparsity=masking.compute_sparsity(mask, setup.prunable),
+    params=params,
+    batch_stats=batch_stats,
+    mask=mask,
+  )
+
+
+def retrain_on_saved_mask(
+  config, mask_workdir: str, round_index: int, ticket: imp.Ticket | None = None
+) -> MaskRetrainResult:
+  """``retrain_on_mask`` with the mask that ``mask_workdir``'s round ``round_index`` trained on.
+
+  E.g. ``retrain_on_saved_mask(imp_config, swamp_workdir, r)`` against the
+  IMP run's own round r (its ``results.jsonl``, or the same call with the
+  IMP workdir) tests claim 5.
+  """
+  mask = runner.load_round_model(mask_workdir, round_index)["mask"]
+  return retrain_on_mask(config, mask, ticket, round_index)

@@ -1,0 +1,81 @@
+"""A finished run as the analyses see it: its config, dataset and model, rebuilt from its workdir.
+
+``run(config, workdir)`` writes ``config.json`` and, per round, the averaged
+model, its mask and each particle's solution (``runner.load_round_model``).
+Everything an analysis needs besides those weights is a function of the
+config, so it is rebuilt here, in one place, rather than stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import ml_collections
+
+from swamp_jax import data as data_lib
+from swamp_jax import models, runner
+
+SPLITS = ("train", "validation", "test")
+
+
+class SavedRun(NamedTuple):
+  """A run's workdir with what it was trained on."""
+
+  workdir: str
+  config: ml_collections.ConfigDict
+  dataset: data_lib.Dataset
+  model: object  # the Flax module, as ``run`` built it
+
+
+class SplitArrays(NamedTuple):
+  """One split on the device: stored images [n, H, W, C], int32 labels [n]."""
+
+  images: jnp.ndarray
+  labels: jnp.ndarray
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run wrote to ``workdir/config.json`` (tuples come back as lists)."""
+  path = os.path.join(workdir, runner.CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not a swamp_jax run's workdir")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def create_model_and_dataset(config) -> tuple[object, data_lib.Dataset]:
+  """The model and dataset that ``run`` builds from ``config``."""
+  dataset = data_lib.load_dataset(
+    config.dataset.name,
+    config.dataset.data_dir,
+    config.dataset.validation_size,
+    config.dataset.cache_dir or None,
+  )
+  model = models.create_model(
+    config.model.name, dataset.num_classes, config.model.conv_impl, config.model.bn_momentum
+  )
+  return model, dataset
+
+
+def load_run(workdir: str) -> SavedRun:
+  """Rebuilds the config, dataset and model of the run in ``workdir``."""
+  config = load_config(workdir)
+  model, dataset = create_model_and_dataset(config)
+  return SavedRun(os.path.abspath(workdir), config, dataset, model)
+
+
+def get_split(dataset: data_lib.Dataset, split: str) -> SplitArrays:
+  """``split`` ('train', 'validation' or 'test') of ``dataset`` as device arrays."""
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  images = getattr(dataset, f"{split}_images")
+  labels = getattr(dataset, f"{split}_labels")
+  if not len(labels):
+    raise ValueError(
+      f"the {split!r} split of {dataset.name!r} is empty"
+      + (" (set dataset.validation_size > 0 in the run's config)" if split == "validation" else "")
+    )
+  return SplitArrays(jnp.asarray(images), jnp.asarray(labels))
