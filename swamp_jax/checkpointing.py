@@ -43,6 +43,11 @@ NON_MATH_FIELDS = frozenset(
     "dataset.cache_dir",
     "checkpoint.every_steps",
     "checkpoint.keep",
+    "save_particles",
+    # The math is the same on any mesh (up to float reassociation), so a run
+    # may resume on another device count.
+    "mesh.particle_axis",
+    "mesh.data_axis",
   }
 )
 
@@ -111,10 +116,15 @@ def create_manager(workdir: str, keep: int):
 
 
 def save(manager, point: ResumePoint, config, rewind_step: int, end_step: int) -> None:
-  """Saves ``point`` asynchronously (host copies, so training may donate its buffers)."""
+  """Saves ``point`` asynchronously.
+
+  The arrays are copied first (on their devices, keeping their shardings),
+  so training may donate its buffers while orbax writes.
+  """
   import orbax.checkpoint as ocp
 
-  state = jax.device_get({"ticket": point.ticket, "mask": point.mask, "particles": point.particles})
+  state = {"ticket": point.ticket, "mask": point.mask, "particles": point.particles}
+  state = jax.tree_util.tree_map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
   meta = {
     "format": FORMAT_VERSION,
     "phase": point.phase,

@@ -63,6 +63,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.bn_recompute.enabled = True  # recompute BN stats of averaged weights
   c.bn_recompute.num_batches = 0  # <= 0: one full epoch
 
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.particle_axis = 0  # devices along 'particle'; 0: largest that divides N and devices
+  c.mesh.data_axis = 0  # devices along 'data' (each particle's batch); 0: the rest
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000  # also at every round's end; 0: round ends only
   c.checkpoint.keep = 3  # newest checkpoints kept (at least 2)

@@ -81,7 +81,7 @@ def _read_tfds_split(name: str, split: str, data_dir: str | None):
   return np.concatenate(images), np.concatenate(labels)
 
 
-def _load_tfds(name: str, data_dir: str | None, cache_dir: str | None):
+def _load_tfds(name: str, data_dir: str | None, cache_dir: str | None, train_rows=None):
   import tensorflow_datasets as tfds
 
   try:
@@ -95,6 +95,12 @@ def _load_tfds(name: str, data_dir: str | None, cache_dir: str | None):
     )
   num_classes = int(features["label"].num_classes)
   cache = None
+  if train_rows is not None:  # one process's rows: read just those, no cache
+    if not builder.is_prepared():
+      builder.download_and_prepare()
+    x_tr, y_tr = _read_tfds_split(name, f"train[{train_rows[0]}:{train_rows[1]}]", data_dir)
+    x_te, y_te = _read_tfds_split(name, "test", data_dir)
+    return (x_tr, y_tr), (x_te, y_te), num_classes
   if cache_dir:
     key = hashlib.sha1(f"{name}|{builder.info.version}".encode()).hexdigest()[:12]
     cache = os.path.join(os.path.expanduser(cache_dir), f"{name.replace('/', '_')}-{key}.npz")
@@ -113,11 +119,25 @@ def _load_tfds(name: str, data_dir: str | None, cache_dir: str | None):
   return (x_tr, y_tr), (x_te, y_te), num_classes
 
 
+def count_train_examples(name: str, data_dir: str | None = None) -> int:
+  """Size of the training split, without reading it."""
+  if name == DIGITS:
+    return len(_load_digits()[0][1])
+  import tensorflow_datasets as tfds
+
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:
+    raise ValueError(f"unknown dataset {name!r}: not 'digits' and not a TFDS dataset ({e})") from e
+  return int(builder.info.splits["train"].num_examples)
+
+
 def load_dataset(
   name: str,
   data_dir: str | None = None,
   validation_size: int = 0,
   cache_dir: str | None = "~/.cache/swamp_jax",
+  train_rows: tuple[int, int] | None = None,
 ) -> Dataset:
   """Loads ``name`` ('digits' or a TFDS image-classification dataset).
 
@@ -128,14 +148,24 @@ def load_dataset(
     validation_size: examples held out of the training split (the last ones
       of a fixed seed-0 permutation, the same whatever the run's seed).
     cache_dir: where decoded TFDS arrays are cached (None: no cache).
+    train_rows: (start, stop): read only these rows of the training split
+      (one process's shard, TFDS split slicing); ``mean``/``std`` are then
+      of these rows only, and ``validation_size`` must be 0.
 
   Returns:
     A ``Dataset``.
   """
+  if train_rows is not None and validation_size:
+    raise ValueError(
+      "a validation split cannot be held out when each process reads only its "
+      "shard of the training set; set dataset.validation_size=0"
+    )
   if name == DIGITS:
     (x_tr, y_tr), (x_te, y_te), num_classes = _load_digits()
+    if train_rows is not None:
+      x_tr, y_tr = x_tr[train_rows[0] : train_rows[1]], y_tr[train_rows[0] : train_rows[1]]
   else:
-    (x_tr, y_tr), (x_te, y_te), num_classes = _load_tfds(name, data_dir, cache_dir)
+    (x_tr, y_tr), (x_te, y_te), num_classes = _load_tfds(name, data_dir, cache_dir, train_rows)
   if not 0 <= validation_size < len(x_tr):
     raise ValueError(
       f"validation_size must be in [0, {len(x_tr)}) for {name!r}, got {validation_size}"
@@ -145,10 +175,21 @@ def load_dataset(
   val_idx = np.sort(order[len(x_tr) - validation_size :])
   x_val, y_val = x_tr[val_idx], y_tr[val_idx]
   x_tr, y_tr = x_tr[train_idx], y_tr[train_idx]
-  axes = tuple(range(x_tr.ndim - 1))
-  mean = x_tr.mean(axis=axes, dtype=np.float64).astype(np.float32)
-  std = np.maximum(x_tr.std(axis=axes, dtype=np.float64), 1e-6).astype(np.float32)
+  mean, std = compute_channel_stats(*compute_channel_sums(x_tr))
   return Dataset(name, x_tr, y_tr, x_val, y_val, x_te, y_te, num_classes, mean, std)
+
+
+def compute_channel_sums(images: np.ndarray) -> np.ndarray:
+  """[3, C] float64: per-channel sum, sum of squares, and pixel count (to combine shards)."""
+  x = images.reshape(-1, images.shape[-1]).astype(np.float64)
+  return np.stack([x.sum(0), (x * x).sum(0), np.full(x.shape[-1], x.shape[0], np.float64)])
+
+
+def compute_channel_stats(total: np.ndarray, sq_total: np.ndarray, count: np.ndarray):
+  """Per-channel float32 (mean, std) from ``compute_channel_sums`` rows."""
+  mean = total / count
+  std = np.sqrt(np.maximum(sq_total / count - mean * mean, 0.0))
+  return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:

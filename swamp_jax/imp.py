@@ -90,11 +90,15 @@ def finish_round(
   model,
   prunable,
   settings: RoundSettings,
-  spmd_axis_name=None,
+  placement=None,
 ) -> RoundOutput:
-  """Average the particles' solutions, fix BN, evaluate, prune from the average."""
-  lift = functools.partial(particles.lift_over_particles, spmd_axis_name=spmd_axis_name)
-  solutions = particles.compute_solutions(states, spmd_axis_name)
+  """Average the particles' solutions, fix BN, evaluate, prune from the average.
+
+  Outputs other than the per-particle ones are replicated over the mesh.
+  """
+  n = states.key.shape[0]
+  lift = functools.partial(particles.lift_over_particles, num_particles=n, placement=placement)
+  solutions = particles.compute_solutions(states, placement)
   avg_params = averaging.average_particles(solutions)
   running_bs = averaging.average_particles(states.batch_stats)
   if settings.bn_recompute:
@@ -136,7 +140,14 @@ def finish_round(
       for name, value in evaluate(avg_params, running_bs).items():
         metrics[f"average_running_bn/{split}_{name}"] = value
   next_mask = masking.compute_mask(avg_params, mask, prunable, settings.prune_fraction)
-  return RoundOutput(avg_params, avg_bs, next_mask, metrics, solutions, particle_bs)
+  out = RoundOutput(avg_params, avg_bs, next_mask, metrics, solutions, particle_bs)
+  if placement is not None:
+    replicated = (out.params, out.batch_stats, out.next_mask, out.metrics)
+    replicated = jax.lax.with_sharding_constraint(replicated, placement.replicated)
+    out = out._replace(
+      **dict(zip(("params", "batch_stats", "next_mask", "metrics"), replicated, strict=True))
+    )
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,22 +160,22 @@ class RoundPrograms:
 
 
 def create_round_programs(
-  model, tx, spec: particles.StepSpec, prunable, settings: RoundSettings, spmd_axis_name=None
+  model, tx, spec: particles.StepSpec, prunable, settings: RoundSettings, placement=None
 ) -> RoundPrograms:
-  """Jits ``start``/``train``/``finish``; particle states are donated to ``train``."""
-  start = jax.jit(
-    functools.partial(particles.create_particles, tx=tx, spmd_axis_name=spmd_axis_name)
-  )
+  """Jits ``start``/``train``/``finish``; particle states are donated to ``train``.
+
+  With a ``distributed.Placement``, particles are split over its mesh's
+  'particle' axis and each particle's batch over its 'data' axis.
+  """
+  start = jax.jit(functools.partial(particles.create_particles, tx=tx, placement=placement))
   train = jax.jit(
-    functools.partial(
-      particles.train_steps, model=model, tx=tx, spec=spec, spmd_axis_name=spmd_axis_name
-    ),
+    functools.partial(particles.train_steps, model=model, tx=tx, spec=spec, placement=placement),
     static_argnames=("num_steps",),
     donate_argnums=(0,),
   )
   finish = jax.jit(
     functools.partial(
-      finish_round, model=model, prunable=prunable, settings=settings, spmd_axis_name=spmd_axis_name
+      finish_round, model=model, prunable=prunable, settings=settings, placement=placement
     )
   )
   return RoundPrograms(start, train, finish)

@@ -4,7 +4,8 @@ Everything here is written for ONE particle. ``lift_over_particles`` is the
 single place where it is lifted over the leading particle axis (``jax.vmap``
 with ``spmd_axis_name``, so that under a device mesh the particle axis is
 partitioned over the mesh's particle axis and any sharding constraint inside
-names only the per-particle axes).
+names only the per-particle axes). Arguments named ``placement`` take a
+``distributed.Placement`` (None: no mesh, plain single-device code).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec as P
 
 from swamp_jax import data as data_lib
 from swamp_jax import masking, swa
@@ -63,9 +65,25 @@ class StepSpec:
     return data_lib.steps_per_epoch(self.num_examples, self.batch_size)
 
 
-def lift_over_particles(fn, in_axes=0, out_axes=0, spmd_axis_name: str | None = None):
-  """The one place where per-particle code is lifted over the particle axis."""
-  return jax.vmap(fn, in_axes=in_axes, out_axes=out_axes, spmd_axis_name=spmd_axis_name)
+def lift_over_particles(fn, num_particles: int, placement=None, in_axes=0, out_axes=0):
+  """The one place where per-particle code is lifted over the particle axis.
+
+  ``jax.vmap`` over the leading axis. With a ``distributed.Placement`` whose
+  particle axis divides ``num_particles``, the particle axis is partitioned
+  over the mesh's 'particle' axis (``spmd_axis_name``), so sharding
+  constraints written for one particle gain it automatically.
+  """
+  spmd = None
+  if placement is not None and placement.particles(num_particles).spec != P():
+    spmd = PARTICLE_AXIS
+  return jax.vmap(fn, in_axes=in_axes, out_axes=out_axes, spmd_axis_name=spmd)
+
+
+def constrain_particles(tree, num_particles: int, placement=None):
+  """Pins stacked particle leaves to their mesh sharding (identity without a mesh)."""
+  if placement is None:
+    return tree
+  return jax.lax.with_sharding_constraint(tree, placement.particles(num_particles))
 
 
 def create_particle(params, batch_stats, mask, key, tx) -> ParticleState:
@@ -84,7 +102,16 @@ def compute_loss(model, params, batch_stats, images, labels):
 
 
 def train_step(
-  state: ParticleState, step, permutation, mask, data: DeviceData, *, model, tx, spec: StepSpec
+  state: ParticleState,
+  step,
+  permutation,
+  mask,
+  data: DeviceData,
+  *,
+  model,
+  tx,
+  spec: StepSpec,
+  placement=None,
 ):
   """One SGD step of one particle at global step ``step``.
 
@@ -94,11 +121,14 @@ def train_step(
     permutation: this particle's order of the training set for this epoch.
     mask: the shared mask (no particle axis).
     data: the training set on device.
+    placement: with a mesh, the batch is split over its 'data' axis.
 
   Returns:
     (new state, loss of the batch before the update).
   """
   idx = data_lib.compute_batch_indices(permutation, step % spec.steps_per_epoch, spec.batch_size)
+  if placement is not None:
+    idx = jax.lax.with_sharding_constraint(idx, placement.batch)
   images = data_lib.preprocess(data.images[idx], data.mean, data.std)
   if spec.augment:
     # A stream apart from the permutations' fold_in(key, epoch).
@@ -124,7 +154,7 @@ def train_steps(
   model,
   tx,
   spec: StepSpec,
-  spmd_axis_name: str | None = None,
+  placement=None,
 ):
   """``num_steps`` steps of every particle, one compiled loop (``lax.scan``).
 
@@ -138,33 +168,40 @@ def train_steps(
   Returns:
     (new states, losses float32 [num_steps, N]).
   """
+  n = states.key.shape[0]
   epoch = start_step // spec.steps_per_epoch
   permutations = lift_over_particles(
-    lambda key: data_lib.compute_epoch_permutation(key, epoch, spec.num_examples),
-    spmd_axis_name=spmd_axis_name,
+    lambda key: data_lib.compute_epoch_permutation(key, epoch, spec.num_examples), n, placement
   )(states.key)
   step_fn = lift_over_particles(
-    functools.partial(train_step, model=model, tx=tx, spec=spec),
+    functools.partial(train_step, model=model, tx=tx, spec=spec, placement=placement),
+    n,
+    placement,
     in_axes=(0, None, 0, None, None),
-    spmd_axis_name=spmd_axis_name,
   )
 
   def body(states, step):
-    return step_fn(states, step, permutations, mask, data)
+    states, loss = step_fn(states, step, permutations, mask, data)
+    return constrain_particles(states, n, placement), loss
 
   steps = start_step + jnp.arange(num_steps, dtype=jnp.int32)
-  return jax.lax.scan(body, states, steps)
+  states, losses = jax.lax.scan(body, constrain_particles(states, n, placement), steps)
+  if placement is not None:  # every process reads the losses (progress, divergence check)
+    losses = jax.lax.with_sharding_constraint(losses, placement.replicated)
+  return states, losses
 
 
-def create_particles(params, batch_stats, mask, keys, tx, spmd_axis_name: str | None = None):
-  """N particles at the same ticket; ``keys`` [N] gives each its data order."""
-  return lift_over_particles(
-    lambda key: create_particle(params, batch_stats, mask, key, tx), spmd_axis_name=spmd_axis_name
+def create_particles(params, batch_stats, mask, keys, tx, placement=None):
+  """N particles at the same ticket; ``keys`` [N, 2] gives each its data order."""
+  n = keys.shape[0]
+  states = lift_over_particles(
+    lambda key: create_particle(params, batch_stats, mask, key, tx), n, placement
   )(keys)
+  return constrain_particles(states, n, placement)
 
 
-def compute_solutions(states: ParticleState, spmd_axis_name: str | None = None):
+def compute_solutions(states: ParticleState, placement=None):
   """Each particle's output weights: its SWA mean, or its last weights."""
   return lift_over_particles(
-    lambda s: swa.compute_swa_solution(s.swa, s.params), spmd_axis_name=spmd_axis_name
+    lambda s: swa.compute_swa_solution(s.swa, s.params), states.key.shape[0], placement
   )(states)

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from swamp_jax import checkpointing, imp, masking, models, optimizers, particles
+from swamp_jax import checkpointing, distributed, imp, masking, models, optimizers, particles
 from swamp_jax import config as config_lib
 from swamp_jax import data as data_lib
 from swamp_jax import results as results_lib
@@ -24,21 +24,24 @@ ROUND_MODELS_DIR = "round_models"
 CONFIG_FILE = "config.json"
 
 
-def _prepare_workdir(workdir: str, overwrite: bool) -> None:
+def _prepare_workdir(workdir: str, overwrite: bool, primary: bool = True) -> None:
   """Refuses a finished run unless told to overwrite; an unfinished one is resumed.
 
-  With ``overwrite`` everything an earlier run wrote here is removed first.
+  With ``overwrite`` everything an earlier run wrote here is removed first
+  (by the primary process alone).
   """
   os.makedirs(workdir, exist_ok=True)
   owned = [
     FINAL_MODEL_DIR,
+    ROUND_MODELS_DIR,
     checkpointing.CHECKPOINT_DIR,
+    checkpointing.CHECKPOINT_DIR + checkpointing.QUARANTINE_SUFFIX,
     results_lib.RESULTS_FILE,
     CONFIG_FILE,
     results_lib.PLOT_FILE,
   ]
   if overwrite:
-    for p in owned:
+    for p in owned if primary else ():
       path = os.path.join(workdir, p)
       if os.path.isdir(path):
         shutil.rmtree(path)
@@ -114,6 +117,7 @@ class _Setup:
   params: object  # initial weights
   batch_stats: object
   prunable: object
+  placement: distributed.Placement
   pretrain: imp.RoundPrograms
   rounds: imp.RoundPrograms
   train_data: particles.DeviceData
@@ -136,20 +140,72 @@ class _Setup:
     return self.programs(phase).start(ticket.params, ticket.batch_stats, mask, self.keys(phase))
 
 
-def _create_setup(config, factory: optimizers.OptimizerFactory) -> _Setup:
-  dataset = data_lib.load_dataset(
-    config.dataset.name,
-    config.dataset.data_dir,
-    config.dataset.validation_size,
-    config.dataset.cache_dir or None,
+def create_placement(config) -> distributed.Placement:
+  """The run's mesh: config.mesh sizes (0 = automatic) over all devices of all processes."""
+  mesh = distributed.create_mesh(
+    config.num_particles, config.mesh.particle_axis, config.mesh.data_axis
   )
+  placement = distributed.Placement(mesh)
+  distributed.check_batch_size(config.batch_size, placement)
+  return placement
+
+
+def _load_data(config, placement: distributed.Placement):
+  """The dataset, with the training set on the mesh.
+
+  One process holds the whole training set on each device. With several
+  processes each reads only its own rows (TFDS split slicing) and the
+  normalization statistics are combined across processes.
+  """
+  name, data_dir = config.dataset.name, config.dataset.data_dir
+  cache_dir = config.dataset.cache_dir or None
+  if not placement.multi_process:
+    dataset = data_lib.load_dataset(name, data_dir, config.dataset.validation_size, cache_dir)
+    images, labels = dataset.train_images, dataset.train_labels
+    num_train, padded, first = len(labels), len(labels), 0
+    mean, std = dataset.mean, dataset.std
+  else:
+    from jax.experimental import multihost_utils
+
+    num_train = data_lib.count_train_examples(name, data_dir)
+    padded, first, count = distributed.rows_per_process(num_train, placement)
+    stop = min(first + count, num_train)
+    dataset = data_lib.load_dataset(
+      name, data_dir, config.dataset.validation_size, cache_dir, train_rows=(first, stop)
+    )
+    sums = multihost_utils.process_allgather(data_lib.compute_channel_sums(dataset.train_images))
+    mean, std = data_lib.compute_channel_stats(*np.sum(sums, axis=0))
+    pad = count - len(dataset.train_labels)  # rows past the end: never indexed
+    images = np.concatenate(
+      [dataset.train_images, np.zeros((pad, *dataset.image_shape), dataset.train_images.dtype)]
+    )
+    labels = np.concatenate([dataset.train_labels, np.zeros((pad,), np.int32)])
+  rows = placement.dataset
+  train = particles.DeviceData(
+    distributed.put_process_rows(images, rows, padded, first),
+    distributed.put_process_rows(labels, rows, padded, first),
+    *placement.replicate((mean, std)),
+  )
+  evaluation_arrays = (
+    dataset.test_images,
+    dataset.test_labels,
+    dataset.validation_images,
+    dataset.validation_labels,
+  )
+  eval_data = imp.EvalData(*placement.replicate(evaluation_arrays))
+  return dataset, train, eval_data, num_train
+
+
+def _create_setup(config, factory: optimizers.OptimizerFactory) -> _Setup:
+  placement = create_placement(config)
+  dataset, train_data, eval_data, num_train = _load_data(config, placement)
   model = models.create_model(
     config.model.name, dataset.num_classes, config.model.conv_impl, config.model.bn_momentum
   )
-  spe = data_lib.steps_per_epoch(len(dataset.train_labels), config.batch_size)
+  spe = data_lib.steps_per_epoch(num_train, config.batch_size)
   if spe < 1:
     raise ValueError(
-      f"batch_size {config.batch_size} exceeds the {len(dataset.train_labels)} "
+      f"batch_size {config.batch_size} exceeds the {num_train} "
       f"training examples of {dataset.name!r}"
     )
   rewind_step = config.rewind_epochs * spe
@@ -169,7 +225,7 @@ def _create_setup(config, factory: optimizers.OptimizerFactory) -> _Setup:
   )
   spec = particles.StepSpec(
     batch_size=config.batch_size,
-    num_examples=len(dataset.train_labels),
+    num_examples=num_train,
     augment=augment,
     swa_start_step=end_step + 1 if swa_start is None else swa_start,
     swa_every_steps=config.swa.every_epochs * spe,
@@ -179,7 +235,7 @@ def _create_setup(config, factory: optimizers.OptimizerFactory) -> _Setup:
   variables = model.init(
     imp.init_key(config.seed), jnp.zeros((1, *dataset.image_shape), jnp.float32), train=False
   )
-  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  params, batch_stats = placement.replicate((variables["params"], variables.get("batch_stats", {})))
   prunable = masking.compute_prunable(params, config.prune_exclude)
   settings = imp.RoundSettings(
     prune_fraction=config.prune_fraction,
@@ -199,32 +255,20 @@ def _create_setup(config, factory: optimizers.OptimizerFactory) -> _Setup:
     params=params,
     batch_stats=batch_stats,
     prunable=prunable,
-    pretrain=imp.create_round_programs(model, pretrain_tx, pretrain_spec, prunable, settings),
-    rounds=imp.create_round_programs(model, round_tx, spec, prunable, settings),
-    train_data=particles.DeviceData(
-      *(
-        jnp.asarray(a)
-        for a in (dataset.train_images, dataset.train_labels, dataset.mean, dataset.std)
-      )
+    placement=placement,
+    pretrain=imp.create_round_programs(
+      model, pretrain_tx, pretrain_spec, prunable, settings, placement
     ),
-    eval_data=imp.EvalData(
-      *(
-        jnp.asarray(a)
-        for a in (
-          dataset.test_images,
-          dataset.test_labels,
-          dataset.validation_images,
-          dataset.validation_labels,
-        )
-      )
-    ),
+    rounds=imp.create_round_programs(model, round_tx, spec, prunable, settings, placement),
+    train_data=train_data,
+    eval_data=eval_data,
   )
 
 
 def _initial_point(setup: _Setup) -> checkpointing.ResumePoint:
   phase = checkpointing.PRETRAIN_PHASE if setup.rewind_step > 0 else 0
   ticket = imp.Ticket(setup.params, setup.batch_stats)
-  mask = masking.create_dense_mask(setup.params)
+  mask = setup.placement.replicate(masking.create_dense_mask(setup.params))
   step = 0 if phase == checkpointing.PRETRAIN_PHASE else setup.rewind_step
   return checkpointing.ResumePoint(phase, step, ticket, mask, setup.start(phase, ticket, mask), [])
 
@@ -233,9 +277,22 @@ def _abstract_state(setup: _Setup, phase: int) -> dict:
   """Shapes and dtypes of a checkpoint's state at ``phase``, to restore into."""
   ticket = imp.Ticket(setup.params, setup.batch_stats)
   mask = masking.create_dense_mask(setup.params)
-  return jax.eval_shape(
+  shapes = jax.eval_shape(
     lambda: {"ticket": ticket, "mask": mask, "particles": setup.start(phase, ticket, mask)}
   )
+  # Restore onto this run's mesh, whatever mesh wrote the checkpoint.
+  n = int(shapes["particles"].key.shape[0])
+  shardings = {
+    "ticket": setup.placement.replicated,
+    "mask": setup.placement.replicated,
+    "particles": setup.placement.particles(n),
+  }
+  return {
+    k: jax.tree_util.tree_map(
+      lambda s, sh=shardings[k]: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), v
+    )
+    for k, v in shapes.items()
+  }
 
 
 def _train(setup: _Setup, point: checkpointing.ResumePoint, manager, workdir, progress):
@@ -256,7 +313,7 @@ def _train(setup: _Setup, point: checkpointing.ResumePoint, manager, workdir, pr
       states, losses = programs.train(
         states, mask, setup.train_data, imp.as_step(start), num_steps=n
       )
-      losses = np.asarray(losses)
+      losses = distributed.to_host(losses)
       if not np.all(np.isfinite(losses)):
         if manager is not None:
           manager.wait_until_finished()  # the last good checkpoint is safe before we stop
@@ -294,7 +351,7 @@ def _train(setup: _Setup, point: checkpointing.ResumePoint, manager, workdir, pr
       int(remaining),
       total,
       int(states.key.shape[0]),
-      jax.device_get(out.metrics),
+      distributed.to_host(out.metrics),
       time.time() - t0,
     )
     rounds.append(result)
@@ -304,8 +361,9 @@ def _train(setup: _Setup, point: checkpointing.ResumePoint, manager, workdir, pr
       + " ".join(f"{100 * a:.2f}" for a in result.particle_test_accuracy)
     )
     if workdir is not None:
-      save_round_model(workdir, phase, out, mask, config.save_particles)
-      results_lib.append_result(workdir, result)
+      save_round_model(workdir, phase, out, mask, config.save_particles)  # every process
+      if jax.process_index() == 0:
+        results_lib.append_result(workdir, result)
     final = (out.params, out.batch_stats, mask)
     mask, phase, step = out.next_mask, phase + 1, setup.rewind_step
     if phase <= config.num_rounds:
@@ -364,15 +422,21 @@ def run(
   config_lib.validate_config(config)
   factory = _resolve_optimizer(config, optimizer)
   models.create_model(config.model.name, 10)  # unknown model names fail before any I/O
+  primary = jax.process_index() == 0  # writes the files that are not checkpoints
   if workdir is not None:
     workdir = os.path.abspath(workdir)
-    _prepare_workdir(workdir, config.overwrite)
+    _prepare_workdir(workdir, config.overwrite, primary)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("swamp_jax: workdir prepared")
   setup = _create_setup(config, factory)
   manager = None
   if workdir is not None:
     manager = checkpointing.create_manager(workdir, config.checkpoint.keep)
   progress = _Progress(
-    config.rewind_epochs + (config.num_rounds + 1) * config.epochs_per_round, config.progress
+    config.rewind_epochs + (config.num_rounds + 1) * config.epochs_per_round,
+    config.progress and primary,
   )
   try:
     point = None
@@ -387,7 +451,7 @@ def run(
     else:
       done = checkpointing.progress_step(point.phase, point.step, setup.rewind_step, setup.end_step)
       progress.update(done / setup.spe, resumed=f"round {point.phase} step {point.step}")
-    if workdir is not None:
+    if workdir is not None and primary:
       with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     rounds, final = _train(setup, point, manager, workdir, progress)
@@ -397,15 +461,17 @@ def run(
       manager.wait_until_finished()
       manager.close()
 
-  params, batch_stats, mask = jax.device_get(final)
+  params, batch_stats, mask = distributed.to_host(final)
   outcome = results_lib.SwampResult(rounds, params, batch_stats, mask, workdir)
-  print(outcome.table(), flush=True)
-  if workdir is not None:
+  if primary:
+    print(outcome.table(), flush=True)
+  if workdir is not None and primary:
     results_lib.plot_accuracy_vs_sparsity(
       rounds,
       os.path.join(workdir, results_lib.PLOT_FILE),
       f"{config.model.name} on {config.dataset.name}, N={config.num_particles}",
     )
+  if workdir is not None:
     save_final_model(os.path.join(workdir, FINAL_MODEL_DIR), params, batch_stats, mask)
   return outcome
 
@@ -427,7 +493,7 @@ def save_round_model(
   if with_particles:
     tree["particle_params"] = out.particle_params
     tree["particle_batch_stats"] = out.particle_batch_stats
-  _save_tree(round_model_path(workdir, round_index), jax.device_get(tree))
+  _save_tree(round_model_path(workdir, round_index), tree)
 
 
 def load_round_model(workdir: str, round_index: int) -> dict:

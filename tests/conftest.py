@@ -1,14 +1,12 @@
-"""Test setup: 8 fake CPU devices (must be set before JAX starts) and shared fixtures."""
+"""Shared fixtures.
 
-import os
+The suite runs on one CPU device; tests of meshes start subprocesses with
+fake CPU devices (XLA_FLAGS must be set before JAX starts).
+"""
 
-os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+import pathlib
 
-import pathlib  # noqa: E402
-
-import pytest  # noqa: E402
+import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_TFDS = REPO.parent / "shared" / "data" / "tensorflow_datasets"

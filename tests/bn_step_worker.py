@@ -1,0 +1,44 @@
+"""One training chunk of ResNet-20 (BatchNorm) on a mesh, or on one device (for test_mesh.py).
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/bn_step_worker.py OUT PA DA
+(PA = DA = 0: no mesh.)
+"""
+
+import sys
+
+import numpy as np
+
+
+def main(out, particle_axis, data_axis, num_steps=2):
+  import jax
+  import jax.numpy as jnp
+
+  from swamp_jax import distributed, imp, masking, models, optimizers, particles
+
+  model = models.create_model("resnet20", 10, "im2col")
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 16, (256, 8, 8, 1)).astype(np.uint8)
+  labels = rng.integers(0, 10, 256).astype(np.int32)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  mask = masking.create_dense_mask(params)
+  spec = particles.StepSpec(64, 256, False, 100, 4)
+  tx = optimizers.masked(optimizers.create_sgd(0.05))
+  placement = None
+  data = particles.DeviceData(images, labels, np.float32([8.0]), np.float32([4.0]))
+  if particle_axis:
+    placement = distributed.Placement(distributed.create_mesh(2, particle_axis, data_axis))
+    data, params, batch_stats, mask = placement.replicate((data, params, batch_stats, mask))
+  settings = imp.RoundSettings(0.2, True, 64, 0, 64)
+  programs = imp.create_round_programs(
+    model, tx, spec, masking.compute_prunable(params), settings, placement
+  )
+  keys = jnp.stack([imp.particle_key(0, 0, i) for i in range(2)])
+  states = programs.start(params, batch_stats, mask, keys)
+  states, losses = programs.train(states, mask, data, jnp.int32(0), num_steps=num_steps)
+  leaves = jax.tree_util.tree_leaves((states.params, states.batch_stats, losses))
+  np.savez(out, *[np.asarray(x) for x in leaves])
+
+
+if __name__ == "__main__":
+  main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

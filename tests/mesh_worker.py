@@ -1,0 +1,76 @@
+"""Runs one small SWAMP run on a given mesh and saves what it found (used by test_mesh.py).
+
+Started as a subprocess so that XLA_FLAGS (fake CPU devices) and
+jax.distributed are set up before JAX starts:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+      python tests/mesh_worker.py --out r.npz --particle_axis 4 --data_axis 2
+"""
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+
+def make_config(model="lenet5", num_particles=4, particle_axis=0, data_axis=0):
+  """The small run every mesh test compares (2 rounds on digits)."""
+  import swamp_jax
+
+  c = swamp_jax.get_default_config()
+  c.model.name = model
+  c.num_particles = num_particles
+  c.num_rounds = 1
+  c.rewind_epochs = 1
+  c.epochs_per_round = 2
+  c.batch_size = 64
+  c.optimizer.learning_rate = 0.05
+  c.swa.learning_rate = 0.01
+  c.swa.start = 0.5
+  c.eval_batch_size = 360
+  c.checkpoint.every_steps = 11
+  c.progress = False
+  c.mesh.particle_axis = particle_axis
+  c.mesh.data_axis = data_axis
+  return c
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--model", default="lenet5")
+  parser.add_argument("--particle_axis", type=int, default=0)
+  parser.add_argument("--data_axis", type=int, default=0)
+  parser.add_argument("--num_particles", type=int, default=4)
+  parser.add_argument("--coordinator", default=None)
+  parser.add_argument("--num_processes", type=int, default=None)
+  parser.add_argument("--process_id", type=int, default=None)
+  parser.add_argument("--workdir", default=None)
+  args = parser.parse_args()
+
+  from swamp_jax import distributed
+
+  if args.coordinator:
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, "gloo")
+  import jax
+
+  import swamp_jax
+
+  c = make_config(args.model, args.num_particles, args.particle_axis, args.data_axis)
+  out = swamp_jax.run(c, args.workdir)
+  flat = {}
+  for name, tree in (("params", out.params), ("mask", out.mask), ("bs", out.batch_stats)):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+      flat[f"{name}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+  flat["accuracy"] = np.asarray([r.test_accuracy for r in out.rounds])
+  flat["particle_accuracy"] = np.asarray([r.particle_test_accuracy for r in out.rounds])
+  flat["devices"] = np.asarray(len(jax.devices()))
+  flat["mesh"] = np.asarray(json.dumps(dict(swamp_jax.runner.create_placement(c).mesh.shape)))
+  if jax.process_index() == 0:
+    np.savez(args.out, **flat)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

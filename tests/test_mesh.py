@@ -1,0 +1,165 @@
+"""Particles across devices and processes: the same math on any mesh.
+
+Fake CPU devices need XLA_FLAGS before JAX starts, and jax.distributed needs
+fresh processes, so the runs happen in subprocesses (tests/*_worker.py).
+"""
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from swamp_jax import distributed
+
+from .conftest import REPO
+
+
+def _env(num_devices):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _worker(out, num_devices, *args, timeout=600):
+  proc = subprocess.run(
+    [sys.executable, str(REPO / "tests" / "mesh_worker.py"), "--out", str(out), *args],
+    env=_env(num_devices),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return np.load(out)
+
+
+def _assert_same_run(a, b, atol=1e-5):
+  assert sorted(a.files) == sorted(b.files)
+  for key in a.files:
+    if key.startswith("mask"):
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    elif key.startswith(("params", "bs")):
+      np.testing.assert_allclose(a[key], b[key], atol=atol, err_msg=key)
+  np.testing.assert_allclose(a["accuracy"], b["accuracy"], atol=1e-6)
+  np.testing.assert_allclose(a["particle_accuracy"], b["particle_accuracy"], atol=1e-6)
+
+
+def test_mesh_of_4_particles_by_2_data_equals_one_device(tmp_path):
+  sharded = _worker(tmp_path / "mesh.npz", 8, "--particle_axis=4", "--data_axis=2")
+  single = _worker(tmp_path / "one.npz", 8, "--particle_axis=1", "--data_axis=1")
+  assert str(sharded["mesh"]) == '{"particle": 4, "data": 2}'
+  assert str(single["mesh"]) == '{"particle": 1, "data": 1}'
+  _assert_same_run(sharded, single)
+
+
+def test_batchnorm_steps_with_the_batch_split_over_data_equal_one_device(tmp_path):
+  results = {}
+  for name, mesh in (("none", ("0", "0")), ("mesh", ("2", "2"))):
+    proc = subprocess.run(
+      [sys.executable, str(REPO / "tests" / "bn_step_worker.py"), str(tmp_path / name), *mesh],
+      env=_env(4),
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results[name] = np.load(tmp_path / f"{name}.npz")
+  a, b = results["none"], results["mesh"]
+  for key in a.files:
+    np.testing.assert_allclose(a[key], b[key], atol=2e-6, rtol=1e-5, err_msg=key)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_give_the_result_of_one(tmp_path):
+  port = _free_port()
+  common = [
+    "--num_particles=2",
+    f"--coordinator=localhost:{port}",
+    "--num_processes=2",
+    f"--workdir={tmp_path / 'work'}",
+  ]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        str(REPO / "tests" / "mesh_worker.py"),
+        "--out",
+        str(tmp_path / "mp.npz"),
+        *common,
+        f"--process_id={i}",
+      ],
+      env=_env(1),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  try:
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, err in zip(procs, errors, strict=True):
+    assert p.returncode == 0, err[-4000:]
+  two = np.load(tmp_path / "mp.npz")
+  assert str(two["mesh"]) == '{"particle": 2, "data": 1}' and int(two["devices"]) == 2
+  one = _worker(tmp_path / "one.npz", 1, "--num_particles=2")
+  _assert_same_run(two, one)
+  # Results written once, not once per process.
+  lines = (tmp_path / "work" / "results.jsonl").read_text().splitlines()
+  assert len(lines) == 2
+
+
+def test_checkpoint_from_an_8_device_mesh_resumes_on_one_device(tmp_path):
+  import shutil
+
+  import swamp_jax
+
+  from .mesh_worker import make_config
+
+  work = tmp_path / "work"
+  reference = _worker(
+    tmp_path / "ref.npz", 8, "--particle_axis=4", "--data_axis=2", f"--workdir={work}"
+  )
+  # Lose everything after the last checkpoint of the 8-device run, then resume here.
+  shutil.rmtree(work / "final_model")
+  with open(work / "results.jsonl") as f:
+    first_line = f.readline()
+  (work / "results.jsonl").write_text(first_line)
+  assert len(jax.devices()) == 1
+  resumed = swamp_jax.run(make_config(), str(work))
+  flat = {
+    f"params{jax.tree_util.keystr(p)}": np.asarray(x)
+    for p, x in jax.tree_util.tree_leaves_with_path(resumed.params)
+  }
+  for key, value in flat.items():
+    np.testing.assert_allclose(value, reference[key], atol=1e-5, err_msg=key)
+  assert len((work / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_particle_counts_that_do_not_divide_the_mesh_are_refused_with_the_sizes_that_work():
+  devices = [jax.devices()[0]] * 8  # shapes only: an 8-device list without 8 devices
+  with pytest.raises(ValueError, match=r"num_particles=3 is not a multiple.*=2.*\[1\]"):
+    distributed.create_mesh(3, particle_axis=2, devices=devices)
+  assert distributed.valid_particle_axis_sizes(4, 8) == [1, 2, 4]
+  assert distributed.valid_particle_axis_sizes(6, 8) == [1, 2]
+  with pytest.raises(ValueError, match="needs 4 devices, but 1 are present"):
+    distributed.create_mesh(4, particle_axis=2, data_axis=2)
+
+
+def test_batch_not_divisible_by_the_data_axis_is_refused():
+  import types
+
+  distributed.check_batch_size(128, types.SimpleNamespace(data_axis=4))
+  with pytest.raises(ValueError, match=r"batch_size=100 is not divisible .*\(8 devices"):
+    distributed.check_batch_size(100, types.SimpleNamespace(data_axis=8))
