@@ -22,6 +22,8 @@ METHODS = {
   "imp_swa": ["--config.num_particles=1", "--config.swa.enabled=True"],
   "swamp_noswa": ["--config.swa.enabled=False"],
   "swamp": ["--config.swa.enabled=True"],
+  # SWAMP+: one particle while the network is still dense-ish (the paper's cheaper variant).
+  "swamp_plus": ["--config.swa.enabled=True", "--config.single_particle_rounds=5"],
 }
 
 

@@ -3,7 +3,18 @@
 from swamp_jax.averaging import average_particles, interpolate
 from swamp_jax.batchnorm import recompute_batch_stats
 from swamp_jax.config import get_default_config, validate_config
+from swamp_jax.connectivity import (
+  compute_barrier,
+  compute_linear_connectivity,
+  compute_particle_connectivity,
+  compute_round_connectivity,
+)
 from swamp_jax.data import Dataset, load_dataset
+from swamp_jax.distributed import create_mesh
+from swamp_jax.ensembles import evaluate_ensemble, evaluate_ensemble_of_runs
+from swamp_jax.flatness import compute_hessian_trace, compute_round_hessian_trace
+from swamp_jax.lottery_pools import compute_lottery_pool, compute_lottery_pool_of_run
+from swamp_jax.mask_quality import retrain_on_mask, retrain_on_saved_mask
 from swamp_jax.masking import (
   apply_mask,
   compute_mask,
@@ -15,6 +26,7 @@ from swamp_jax.models import create_model
 from swamp_jax.optimizers import MaskedState, create_learning_rate_schedule, masked
 from swamp_jax.results import RoundResult, SwampResult
 from swamp_jax.runner import load_final_model, load_round_model, run
+from swamp_jax.saved_runs import load_run
 from swamp_jax.swa import SWAState
 
 __all__ = [
@@ -25,19 +37,33 @@ __all__ = [
   "SwampResult",
   "apply_mask",
   "average_particles",
+  "compute_barrier",
+  "compute_hessian_trace",
+  "compute_linear_connectivity",
+  "compute_lottery_pool",
+  "compute_lottery_pool_of_run",
   "compute_mask",
+  "compute_particle_connectivity",
   "compute_prunable",
+  "compute_round_connectivity",
+  "compute_round_hessian_trace",
   "compute_sparsity",
   "create_dense_mask",
   "create_learning_rate_schedule",
+  "create_mesh",
   "create_model",
+  "evaluate_ensemble",
+  "evaluate_ensemble_of_runs",
   "get_default_config",
   "interpolate",
   "load_dataset",
   "load_final_model",
   "load_round_model",
+  "load_run",
   "masked",
   "recompute_batch_stats",
+  "retrain_on_mask",
+  "retrain_on_saved_mask",
   "run",
   "validate_config",
 ]

@@ -43,6 +43,7 @@ def recompute_batch_stats(
   """
   if not jax.tree_util.tree_leaves(batch_stats):
     return batch_stats
+  images = jnp.asarray(images)  # host arrays cannot be indexed by traced indices
   n = images.shape[0]
   available = n // batch_size
   num_batches = available if num_batches <= 0 else min(num_batches, available)

@@ -8,13 +8,12 @@ BatchNorm statistics, round r's data order) on the mask it is given. On
 IMP's own mask it reproduces the IMP run's round r.
 
 The ticket is recomputed from the config (the dense training to T0 is
-deterministic) unless given. Note that the ticket depends on the config's
-schedule, which depends on the SWA settings: IMP's and SWAMP's tickets of one
-seed differ slightly. By default both masks are retrained from IMP's ticket.
+deterministic, and does not depend on the SWA settings, so IMP's and SWAMP's
+tickets of one seed are the same) unless given; ``run`` also saves it in the
+workdir (``ticket/``).
 
-This reuses ``runner``'s private setup (``runner._create_setup`` and the
-programs it holds), so a round trains as ``run`` trains it, with no copy of
-the training loop.
+This uses ``runner.create_setup`` and ``runner.train_phase``, so a round
+trains as ``run`` trains it, with no copy of the training loop.
 """
 
 from __future__ import annotations
@@ -24,8 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from swamp_jax import checkpointing, imp, masking, optimizers, runner
-from swamp_jax import config as config_lib
+from swamp_jax import imp, masking, runner
 
 
 class MaskRetrainResult(NamedTuple):
@@ -50,40 +48,13 @@ def create_imp_config(config):
   return config
 
 
-def _create_setup(config):
-  config_lib.validate_config(config)
-  return runner._create_setup(config, optimizers.create_optimizer_factory(config))
-
-
-def _train(setup, phase: int, states, mask, start_step: int, end_step: int):
-  # The same pieces as run's, so the same compiled programs run on the same steps.
-  programs = setup.programs(phase)
-  for start, n in imp.epoch_chunks(start_step, end_step, setup.spe, setup.checkpoint_every):
-    states, losses = programs.train(states, mask, setup.train_data, imp.as_step(start), num_steps=n)
-    if not np.all(np.isfinite(np.asarray(losses))):
-      raise FloatingPointError(
-        f"training diverged in steps [{start}, {start + n}) of phase {phase}"
-      )
-  return states
-
-
-def _compute_ticket(setup) -> imp.Ticket:
-  ticket = imp.Ticket(setup.params, setup.batch_stats)
-  if setup.rewind_step == 0:
-    return ticket
-  phase = checkpointing.PRETRAIN_PHASE
-  dense = masking.create_dense_mask(setup.params)
-  states = _train(setup, phase, setup.start(phase, ticket, dense), dense, 0, setup.rewind_step)
-  return imp.Ticket(*jax.tree_util.tree_map(lambda x: x[0], (states.params, states.batch_stats)))
-
-
 def compute_ticket(config) -> imp.Ticket:
   """The ticket (weights and BN statistics at T0) that ``run(config)`` trains from.
 
   With ``rewind_epochs=0`` it is the initialization. Deterministic: the same
   config and seed give the same ticket as the run.
   """
-  return _compute_ticket(_create_setup(config))
+  return runner.compute_ticket(runner.create_setup(config))
 
 
 def retrain_on_mask(config, mask, ticket: imp.Ticket | None = None, round_index: int = 0):
@@ -105,7 +76,7 @@ def retrain_on_mask(config, mask, ticket: imp.Ticket | None = None, round_index:
   Raises:
     ValueError: the mask does not fit the model's params.
   """
-  setup = _create_setup(create_imp_config(config))
+  setup = runner.create_setup(create_imp_config(config))
   params_struct = jax.tree_util.tree_structure(setup.params)
   if jax.tree_util.tree_structure(mask) != params_struct:
     raise ValueError(
@@ -122,9 +93,9 @@ def retrain_on_mask(config, mask, ticket: imp.Ticket | None = None, round_index:
   # Host arrays: the programs place them wherever their inputs are meant to live.
   mask = jax.tree_util.tree_map(lambda m: np.asarray(m, np.bool_), mask)
   if ticket is None:
-    ticket = _compute_ticket(setup)
+    ticket = runner.compute_ticket(setup)
   states = setup.start(round_index, ticket, mask)
-  states = _train(setup, round_index, states, mask, setup.rewind_step, setup.end_step)
+  states = runner.train_phase(setup, round_index, states, mask, setup.rewind_step, setup.end_step)
   out = setup.rounds.finish(states, mask, setup.train_data, setup.eval_data)
   metrics = jax.device_get(out.metrics)
   validation = metrics.get("average/validation_accuracy")

@@ -21,6 +21,7 @@ from swamp_jax import results as results_lib
 
 FINAL_MODEL_DIR = "final_model"
 ROUND_MODELS_DIR = "round_models"
+TICKET_DIR = "ticket"
 CONFIG_FILE = "config.json"
 
 
@@ -34,6 +35,7 @@ def _prepare_workdir(workdir: str, overwrite: bool, primary: bool = True) -> Non
   owned = [
     FINAL_MODEL_DIR,
     ROUND_MODELS_DIR,
+    TICKET_DIR,
     checkpointing.CHECKPOINT_DIR,
     checkpointing.CHECKPOINT_DIR + checkpointing.QUARANTINE_SUFFIX,
     results_lib.RESULTS_FILE,
@@ -106,7 +108,7 @@ class _Progress:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Setup:
+class RunSetup:
   """Everything a run derives from its config before training."""
 
   config: ml_collections.ConfigDict
@@ -196,7 +198,11 @@ def _load_data(config, placement: distributed.Placement):
   return dataset, train, eval_data, num_train
 
 
-def _create_setup(config, factory: optimizers.OptimizerFactory) -> _Setup:
+def create_setup(config, optimizer=None) -> RunSetup:
+  """Everything a run derives from its config before training: mesh, data on it,
+  model, schedule, optimizer and the jitted round programs."""
+  config_lib.validate_config(config)
+  factory = _resolve_optimizer(config, optimizer)
   placement = create_placement(config)
   dataset, train_data, eval_data, num_train = _load_data(config, placement)
   model = models.create_model(
@@ -244,9 +250,18 @@ def _create_setup(config, factory: optimizers.OptimizerFactory) -> _Setup:
     bn_num_batches=config.bn_recompute.num_batches,
     eval_batch_size=config.eval_batch_size,
   )
-  pretrain_tx = optimizers.masked(factory(schedule))
+  # The ticket is trained with the schedule of SWA-free IMP, whatever the SWA settings, so
+  # IMP and SWAMP runs of one seed share their ticket and comparisons between them are paired.
+  ticket_schedule = optimizers.create_learning_rate_schedule(
+    config.optimizer.learning_rate,
+    end_step,
+    None,
+    config.swa.learning_rate,
+    config.optimizer.final_learning_rate,
+  )
+  pretrain_tx = optimizers.masked(factory(ticket_schedule))
   round_tx = optimizers.masked(factory(optimizers.offset_schedule(schedule, rewind_step)))
-  return _Setup(
+  return RunSetup(
     config=config,
     dataset_name=dataset.name,
     spe=spe,
@@ -265,7 +280,7 @@ def _create_setup(config, factory: optimizers.OptimizerFactory) -> _Setup:
   )
 
 
-def _initial_point(setup: _Setup) -> checkpointing.ResumePoint:
+def _initial_point(setup: RunSetup) -> checkpointing.ResumePoint:
   phase = checkpointing.PRETRAIN_PHASE if setup.rewind_step > 0 else 0
   ticket = imp.Ticket(setup.params, setup.batch_stats)
   mask = setup.placement.replicate(masking.create_dense_mask(setup.params))
@@ -273,7 +288,7 @@ def _initial_point(setup: _Setup) -> checkpointing.ResumePoint:
   return checkpointing.ResumePoint(phase, step, ticket, mask, setup.start(phase, ticket, mask), [])
 
 
-def _abstract_state(setup: _Setup, phase: int) -> dict:
+def _abstract_state(setup: RunSetup, phase: int) -> dict:
   """Shapes and dtypes of a checkpoint's state at ``phase``, to restore into."""
   ticket = imp.Ticket(setup.params, setup.batch_stats)
   mask = masking.create_dense_mask(setup.params)
@@ -295,7 +310,55 @@ def _abstract_state(setup: _Setup, phase: int) -> dict:
   }
 
 
-def _train(setup: _Setup, point: checkpointing.ResumePoint, manager, workdir, progress):
+def train_phase(
+  setup: RunSetup, phase: int, states, mask, start_step: int, end_step: int, after_chunk=None
+):
+  """Trains ``states`` of ``phase`` over global steps [start_step, end_step).
+
+  The pieces come from ``imp.epoch_chunks``, so every caller runs the same
+  compiled programs on the same steps as ``run`` (and reproduces it).
+
+  Args:
+    after_chunk: called as ``after_chunk(states, step, num_steps, losses)``
+      after each piece (``step`` is the next step; ``losses`` [n, N] host).
+
+  Returns:
+    The trained states.
+
+  Raises:
+    FloatingPointError: a loss is NaN or inf (naming phase, step, particle).
+  """
+  programs = setup.programs(phase)
+  for start, n in imp.epoch_chunks(start_step, end_step, setup.spe, setup.checkpoint_every):
+    states, losses = programs.train(states, mask, setup.train_data, imp.as_step(start), num_steps=n)
+    losses = distributed.to_host(losses)
+    if not np.all(np.isfinite(losses)):
+      _raise_diverged(losses, phase, start)
+    if after_chunk is not None:
+      after_chunk(states, start + n, n, losses)
+  return states
+
+
+def compute_ticket(setup: RunSetup, states=None) -> imp.Ticket:
+  """The ticket: weights and BN statistics at the rewind step T0.
+
+  Args:
+    states: the dense network's states at T0; None trains them from the
+      initialization (deterministic: the same ticket ``run`` trains from).
+  """
+  ticket = imp.Ticket(setup.params, setup.batch_stats)
+  if setup.rewind_step == 0:
+    return ticket
+  if states is None:
+    phase = checkpointing.PRETRAIN_PHASE
+    dense = setup.placement.replicate(masking.create_dense_mask(setup.params))
+    states = train_phase(
+      setup, phase, setup.start(phase, ticket, dense), dense, 0, setup.rewind_step
+    )
+  return imp.Ticket(*jax.tree_util.tree_map(lambda x: x[0], (states.params, states.batch_stats)))
+
+
+def _train(setup: RunSetup, point: checkpointing.ResumePoint, manager, workdir, progress):
   """Trains from ``point`` to the end; returns (round results, final (params, bs, mask))."""
   config = setup.config
   phase, step, ticket, mask, states = point[:5]
@@ -307,35 +370,30 @@ def _train(setup: _Setup, point: checkpointing.ResumePoint, manager, workdir, pr
       point = checkpointing.ResumePoint(phase, step, ticket, mask, states, results)
       checkpointing.save(manager, point, config, setup.rewind_step, setup.end_step)
 
-  def train_phase(phase, step, states, end, name):
-    programs = setup.programs(phase)
-    for start, n in imp.epoch_chunks(step, end, setup.spe, setup.checkpoint_every):
-      states, losses = programs.train(
-        states, mask, setup.train_data, imp.as_step(start), num_steps=n
-      )
-      losses = distributed.to_host(losses)
-      if not np.all(np.isfinite(losses)):
-        if manager is not None:
-          manager.wait_until_finished()  # the last good checkpoint is safe before we stop
-        _raise_diverged(losses, name, start)
-      step = start + n
-      epoch_in_phase = -(-(step - (0 if phase < 0 else setup.rewind_step)) // setup.spe)
+  def run_phase(phase, step, states, end):
+    first = 0 if phase < 0 else setup.rewind_step
+
+    def after_chunk(states, step, n, losses):
       progress.update(
         n / setup.spe,
-        round=name,
-        epoch=epoch_in_phase,
+        round="rewind" if phase < 0 else phase,
+        epoch=-(-(step - first) // setup.spe),
         loss=" ".join(f"{v:.3f}" for v in losses.mean(0)),
       )
       if setup.checkpoint_every and step % setup.checkpoint_every == 0 and step < end:
         checkpoint(phase, step, states)
-    return states
+
+    try:
+      return train_phase(setup, phase, states, mask, step, end, after_chunk)
+    except FloatingPointError:
+      if manager is not None:
+        manager.wait_until_finished()  # the last good checkpoint is safe before we stop
+      raise
 
   if phase == checkpointing.PRETRAIN_PHASE:
-    states = train_phase(phase, step, states, setup.rewind_step, "rewind")
-    # The ticket: weights and BN statistics at the rewind step T0.
-    ticket = imp.Ticket(
-      *jax.tree_util.tree_map(lambda x: x[0], (states.params, states.batch_stats))
-    )
+    ticket = compute_ticket(setup, run_phase(phase, step, states, setup.rewind_step))
+    if workdir is not None:
+      _save_tree(os.path.join(workdir, TICKET_DIR), ticket._asdict())
     phase, step = 0, setup.rewind_step
     states = setup.start(phase, ticket, mask)
     checkpoint(phase, step, states)
@@ -343,7 +401,7 @@ def _train(setup: _Setup, point: checkpointing.ResumePoint, manager, workdir, pr
   final = None
   while phase <= config.num_rounds:
     t0 = time.time()
-    states = train_phase(phase, step, states, setup.end_step, phase)
+    states = run_phase(phase, step, states, setup.end_step)
     out = setup.rounds.finish(states, mask, setup.train_data, setup.eval_data)
     remaining, total = masking.count_prunable(mask, setup.prunable)
     result = results_lib.RoundResult.from_metrics(
@@ -372,9 +430,9 @@ def _train(setup: _Setup, point: checkpointing.ResumePoint, manager, workdir, pr
   return rounds, final
 
 
-def _raise_diverged(losses: np.ndarray, name, start_step: int):
+def _raise_diverged(losses: np.ndarray, phase: int, start_step: int):
   step, particle = np.argwhere(~np.isfinite(losses))[0]
-  where = "the dense training to the rewind point" if name == "rewind" else f"round {name}"
+  where = "the dense training to the rewind point" if phase < 0 else f"round {phase}"
   raise FloatingPointError(
     f"training diverged: loss {losses[step, particle]} in {where} at step "
     f"{start_step + int(step)}, particle {int(particle)}; the last good checkpoint is kept"
@@ -420,8 +478,8 @@ def run(
       good checkpoint is on disk).
   """
   config_lib.validate_config(config)
-  factory = _resolve_optimizer(config, optimizer)
-  models.create_model(config.model.name, 10)  # unknown model names fail before any I/O
+  _resolve_optimizer(config, optimizer)  # a bad optimizer fails before any I/O
+  models.create_model(config.model.name, 10)  # so do unknown model names
   primary = jax.process_index() == 0  # writes the files that are not checkpoints
   if workdir is not None:
     workdir = os.path.abspath(workdir)
@@ -430,7 +488,7 @@ def run(
       from jax.experimental import multihost_utils
 
       multihost_utils.sync_global_devices("swamp_jax: workdir prepared")
-  setup = _create_setup(config, factory)
+  setup = create_setup(config, optimizer)
   manager = None
   if workdir is not None:
     manager = checkpointing.create_manager(workdir, config.checkpoint.keep)
