@@ -23,6 +23,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _CPU_COLLECTIVES = flags.DEFINE_string(
   "cpu_collectives", None, "CPU collectives for processes on CPUs, e.g. 'gloo'."
 )
+_HEARTBEAT = flags.DEFINE_integer(
+  "heartbeat_timeout_seconds", 100, "A dead process is detected by the others after this long."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -36,7 +39,11 @@ def main(argv):
 
   if _DISTRIBUTED.value or _COORDINATOR.value:
     distributed.initialize(
-      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _CPU_COLLECTIVES.value
+      _COORDINATOR.value,
+      _NUM_PROCESSES.value,
+      _PROCESS_ID.value,
+      _CPU_COLLECTIVES.value,
+      _HEARTBEAT.value,
     )
   from swamp_jax import runner
 

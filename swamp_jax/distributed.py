@@ -31,13 +31,16 @@ def initialize(
   num_processes: int | None = None,
   process_id: int | None = None,
   cpu_collectives: str | None = None,
+  heartbeat_timeout_seconds: int = 100,
 ) -> None:
   """Starts JAX's multi-process runtime (a no-op for one process).
 
   With no arguments JAX detects the cluster (TPU pods, SLURM, ...). On CPUs
   (tests, localhost), pass the coordinator, the process count and this
   process's id; ``cpu_collectives='gloo'`` enables cross-process CPU
-  collectives.
+  collectives. A process that dies is noticed by the others within
+  ``heartbeat_timeout_seconds``, which then stop with an error instead of
+  waiting forever in a collective.
   """
   if cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
@@ -48,7 +51,7 @@ def initialize(
     ).items()
     if v is not None
   }
-  jax.distributed.initialize(**kwargs)
+  jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=heartbeat_timeout_seconds)
 
 
 def valid_particle_axis_sizes(num_particles: int, num_devices: int) -> list[int]:

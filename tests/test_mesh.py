@@ -5,9 +5,11 @@ fresh processes, so the runs happen in subprocesses (tests/*_worker.py).
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -163,3 +165,56 @@ def test_batch_not_divisible_by_the_data_axis_is_refused():
   distributed.check_batch_size(128, types.SimpleNamespace(data_axis=4))
   with pytest.raises(ValueError, match=r"batch_size=100 is not divisible .*\(8 devices"):
     distributed.check_batch_size(100, types.SimpleNamespace(data_axis=8))
+
+
+def test_a_process_dying_mid_run_stops_the_other_with_a_clear_error_and_resume_works(tmp_path):
+  work = tmp_path / "work"
+  port = _free_port()
+
+  def launch(i):
+    return subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "swamp_jax",
+        "--config",
+        "configs/digits.py",
+        f"--workdir={work}",
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+        "--cpu_collectives=gloo",
+        "--heartbeat_timeout_seconds=10",
+        "--config.num_particles=2",
+        "--config.model.name=lenet300_100",
+        "--config.num_rounds=2",
+        "--config.progress=False",
+        "--config.checkpoint.every_steps=5",
+      ],
+      cwd=REPO,
+      env=_env(1),
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+
+  procs = [launch(0), launch(1)]
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline and not (work / "checkpoints" / "10").exists():
+      assert procs[0].poll() is None and procs[1].poll() is None, "finished before the kill"
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    _, err = procs[0].communicate(timeout=180)  # never a hang
+  finally:
+    for p in procs:
+      p.kill()
+  assert procs[0].returncode != 0
+  assert "heartbeat" in err or "Connection closed by peer" in err, err[-3000:]
+  # Both restarted: the run resumes from its checkpoints and finishes.
+  port = _free_port()
+  procs = [launch(0), launch(1)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  assert len((work / "results.jsonl").read_text().splitlines()) == 3
