@@ -113,24 +113,12 @@ def format_markdown(table: Accuracies, counts: dict[str, int]) -> str:
 
 def plot_accuracies(table: Accuracies, path: str, title: str = "") -> None:
   """Accuracy vs sparsity with error bars (sample std over seeds) for every method."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  curves = {}
   for method, rows in table.items():
     sparsities = sorted(rows)
     stats = np.asarray([_summary(rows[s]) for s in sparsities])
-    ax.errorbar(sparsities, stats[:, 0], yerr=stats[:, 1], marker="o", capsize=3, label=method)
-  ax.set_xlabel("sparsity (%)")
-  ax.set_ylabel("test accuracy (%)")
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+    curves[method] = (sparsities, stats[:, 0], stats[:, 1])
+  results.plot_curves(curves, path, title)
 
 
 def write_report(out: str, ensemble: bool = False, ensemble_of: str = "imp") -> str:

@@ -155,22 +155,20 @@ def format_table(rounds: list[RoundResult]) -> str:
   return "\n".join(lines)
 
 
-def plot_accuracy_vs_sparsity(rounds: list[RoundResult], path: str, title: str = "") -> None:
-  """Test accuracy of the average and of the mean particle against sparsity."""
+def plot_curves(curves: dict, path: str, title: str = "") -> None:
+  """Test accuracy (%) against sparsity (%), one line per label.
+
+  Args:
+    curves: label -> (sparsities, accuracies, errors or None), in percent.
+  """
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  sparsity = [100 * r.sparsity for r in rounds]
-  fig, ax = plt.subplots(figsize=(6, 4))
-  ax.plot(sparsity, [100 * r.test_accuracy for r in rounds], "o-", label="average (SWAMP)")
-  ax.plot(
-    sparsity,
-    [100 * r.mean_particle_test_accuracy for r in rounds],
-    "s--",
-    label="mean of particles",
-  )
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for label, (x, y, err) in curves.items():
+    ax.errorbar(x, y, yerr=err, marker="o", capsize=3 if err is not None else 0, label=label)
   ax.set_xlabel("sparsity (%)")
   ax.set_ylabel("test accuracy (%)")
   ax.set_title(title)
@@ -179,3 +177,16 @@ def plot_accuracy_vs_sparsity(rounds: list[RoundResult], path: str, title: str =
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def plot_accuracy_vs_sparsity(rounds: list[RoundResult], path: str, title: str = "") -> None:
+  """Test accuracy of the average and of the mean particle against sparsity."""
+  sparsity = [100 * r.sparsity for r in rounds]
+  plot_curves(
+    {
+      "average (SWAMP)": (sparsity, [100 * r.test_accuracy for r in rounds], None),
+      "mean of particles": (sparsity, [100 * r.mean_particle_test_accuracy for r in rounds], None),
+    },
+    path,
+    title,
+  )

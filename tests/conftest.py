@@ -12,8 +12,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_TFDS = REPO.parent / "shared" / "data" / "tensorflow_datasets"
 
 
-@pytest.fixture
-def tiny_config():
+def create_tiny_config(**overrides):
   """A digits config that trains in seconds: for end-to-end properties, not accuracy."""
   from swamp_jax.config import get_default_config
 
@@ -30,4 +29,12 @@ def tiny_config():
   c.swa.start = 0.5
   c.eval_batch_size = 512
   c.progress = False
+  for field, value in overrides.items():
+    group, _, name = field.rpartition("__")
+    (c[group] if group else c)[name] = value
   return c
+
+
+@pytest.fixture
+def tiny_config():
+  return create_tiny_config()
