@@ -44,6 +44,7 @@ NON_MATH_FIELDS = frozenset(
     "checkpoint.every_steps",
     "checkpoint.keep",
     "save_particles",
+    "epochs_per_call",
     # The math is the same on any mesh (up to float reassociation), so a run
     # may resume on another device count.
     "mesh.particle_axis",

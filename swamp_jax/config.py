@@ -42,6 +42,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.rewind_epochs = 1  # T0: dense training before the ticket is taken
   c.epochs_per_round = 10  # T - T0: each round trains the ticket this long
   c.batch_size = 128
+  # Epochs per compiled call (one lax.scan); the host syncs and the progress bar moves
+  # between calls. >= epochs_per_round makes each round one compiled loop.
+  c.epochs_per_call = 1
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "sgd"  # 'sgd', 'adamw', 'adam'; or pass optimizer= to run()
@@ -148,6 +151,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size!r}")
   _require(
     config.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {config.eval_batch_size!r}"
+  )
+  _require(
+    config.epochs_per_call >= 1, f"epochs_per_call must be >= 1, got {config.epochs_per_call!r}"
   )
   _require(
     config.checkpoint.every_steps >= 0,

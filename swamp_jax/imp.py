@@ -181,19 +181,24 @@ def create_round_programs(
   return RoundPrograms(start, train, finish)
 
 
-def epoch_chunks(start_step: int, end_step: int, steps_per_epoch: int, every: int = 0):
-  """(start, num_steps) pieces of [start_step, end_step).
+def compute_chunks(
+  phase_start: int, start_step: int, end_step: int, steps_per_call: int, checkpoint_every: int = 0
+):
+  """(start, num_steps) pieces of [start_step, end_step), each one compiled call.
 
-  Pieces never cross an epoch, and also end at multiples of ``every`` (> 0)
-  global steps, where checkpoints are taken. The pieces are a function of the
-  absolute step numbers alone, so a run resumed at any piece boundary runs
-  the same compiled programs on the same pieces as an uninterrupted one.
+  Pieces end every ``steps_per_call`` steps counted from ``phase_start`` and
+  at multiples of ``checkpoint_every`` (> 0) global steps, where checkpoints
+  are taken. They depend only on these numbers, not on where a run resumed,
+  so a run resumed at a piece boundary runs the same compiled programs on
+  the same pieces as an uninterrupted one (bit-identical results).
   """
   step = start_step
   while step < end_step:
-    stop = min(end_step, (step // steps_per_epoch + 1) * steps_per_epoch)
-    if every > 0:
-      stop = min(stop, (step // every + 1) * every)
+    stop = min(
+      end_step, phase_start + ((step - phase_start) // steps_per_call + 1) * steps_per_call
+    )
+    if checkpoint_every > 0:
+      stop = min(stop, (step // checkpoint_every + 1) * checkpoint_every)
     yield step, stop - step
     step = stop
 

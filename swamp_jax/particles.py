@@ -158,8 +158,10 @@ def train_steps(
 ):
   """``num_steps`` steps of every particle, one compiled loop (``lax.scan``).
 
-  The steps must lie in one epoch, so each particle's permutation is drawn
-  once. Jit this with ``num_steps``, ``model``, ``tx``, ``spec`` static.
+  The steps may span several epochs (a whole round, even): each particle's
+  permutation of the training set is drawn at the first step and again at
+  every epoch boundary inside the loop. Jit this with ``num_steps``,
+  ``model``, ``tx``, ``spec`` static.
 
   Args:
     states: stacked ``ParticleState``, leaves [N, ...].
@@ -169,10 +171,13 @@ def train_steps(
     (new states, losses float32 [num_steps, N]).
   """
   n = states.key.shape[0]
-  epoch = start_step // spec.steps_per_epoch
-  permutations = lift_over_particles(
-    lambda key: data_lib.compute_epoch_permutation(key, epoch, spec.num_examples), n, placement
-  )(states.key)
+
+  def draw_permutations(step):
+    epoch = step // spec.steps_per_epoch
+    return lift_over_particles(
+      lambda key: data_lib.compute_epoch_permutation(key, epoch, spec.num_examples), n, placement
+    )(states.key)
+
   step_fn = lift_over_particles(
     functools.partial(train_step, model=model, tx=tx, spec=spec, placement=placement),
     n,
@@ -180,12 +185,17 @@ def train_steps(
     in_axes=(0, None, 0, None, None),
   )
 
-  def body(states, step):
+  def body(carry, step):
+    states, permutations = carry
+    permutations = jax.lax.cond(
+      step % spec.steps_per_epoch == 0, draw_permutations, lambda _: permutations, step
+    )
     states, loss = step_fn(states, step, permutations, mask, data)
-    return constrain_particles(states, n, placement), loss
+    return (constrain_particles(states, n, placement), permutations), loss
 
   steps = start_step + jnp.arange(num_steps, dtype=jnp.int32)
-  states, losses = jax.lax.scan(body, constrain_particles(states, n, placement), steps)
+  init = (constrain_particles(states, n, placement), draw_permutations(start_step))
+  (states, _), losses = jax.lax.scan(body, init, steps)
   if placement is not None:  # every process reads the losses (progress, divergence check)
     losses = jax.lax.with_sharding_constraint(losses, placement.replicated)
   return states, losses

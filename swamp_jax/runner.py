@@ -129,6 +129,10 @@ class RunSetup:
   def checkpoint_every(self) -> int:
     return self.config.checkpoint.every_steps
 
+  @property
+  def steps_per_call(self) -> int:
+    return self.config.epochs_per_call * self.spe
+
   def programs(self, phase: int) -> imp.RoundPrograms:
     return self.pretrain if phase == checkpointing.PRETRAIN_PHASE else self.rounds
 
@@ -315,7 +319,7 @@ def train_phase(
 ):
   """Trains ``states`` of ``phase`` over global steps [start_step, end_step).
 
-  The pieces come from ``imp.epoch_chunks``, so every caller runs the same
+  The pieces come from ``imp.compute_chunks``, so every caller runs the same
   compiled programs on the same steps as ``run`` (and reproduces it).
 
   Args:
@@ -329,7 +333,11 @@ def train_phase(
     FloatingPointError: a loss is NaN or inf (naming phase, step, particle).
   """
   programs = setup.programs(phase)
-  for start, n in imp.epoch_chunks(start_step, end_step, setup.spe, setup.checkpoint_every):
+  phase_start = 0 if phase == checkpointing.PRETRAIN_PHASE else setup.rewind_step
+  chunks = imp.compute_chunks(
+    phase_start, start_step, end_step, setup.steps_per_call, setup.checkpoint_every
+  )
+  for start, n in chunks:
     states, losses = programs.train(states, mask, setup.train_data, imp.as_step(start), num_steps=n)
     losses = distributed.to_host(losses)
     if not np.all(np.isfinite(losses)):

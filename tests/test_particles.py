@@ -156,9 +156,43 @@ def test_recomputed_batch_stats_are_the_mean_of_per_batch_statistics():
   np.testing.assert_allclose(new["BatchNorm_0"]["var"], np.mean(variances, 0), rtol=1e-4, atol=1e-5)
 
 
-def test_epoch_chunks_never_cross_an_epoch():
-  assert list(imp.epoch_chunks(5, 25, 10)) == [(5, 5), (10, 10), (20, 5)]
-  assert list(imp.epoch_chunks(0, 0, 10)) == []
+def test_chunks_end_every_call_from_the_phase_start_and_at_checkpoints():
+  assert list(imp.compute_chunks(0, 5, 25, 10)) == [(5, 5), (10, 10), (20, 5)]
+  assert list(imp.compute_chunks(0, 0, 0, 10)) == []
+  # A round from step 11 in calls of 20 steps, checkpoints every 15 steps.
+  assert list(imp.compute_chunks(11, 11, 61, 20, 15)) == [
+    (11, 4),
+    (15, 15),
+    (30, 1),
+    (31, 14),
+    (45, 6),
+    (51, 9),
+    (60, 1),
+  ]
+  # Resuming at a boundary continues with the same pieces.
+  assert list(imp.compute_chunks(11, 45, 61, 20, 15)) == [(45, 6), (51, 9), (60, 1)]
+
+
+def test_steps_across_epoch_boundaries_equal_one_call_per_epoch():
+  model, params, batch_stats, mask, spec, tx, train = _setup()
+  keys = jnp.stack([imp.particle_key(0, 0, n) for n in range(2)])
+  train_fn = jax.jit(
+    functools.partial(particles.train_steps, model=model, tx=tx, spec=spec),
+    static_argnames="num_steps",
+  )
+  spe = spec.steps_per_epoch
+  whole = particles.create_particles(params, batch_stats, mask, keys, tx)
+  whole, whole_losses = train_fn(whole, mask, train, jnp.int32(3), num_steps=2 * spe)
+  pieces = particles.create_particles(params, batch_stats, mask, keys, tx)
+  losses = []
+  for start, n in imp.compute_chunks(0, 3, 3 + 2 * spe, spe):
+    pieces, piece_losses = train_fn(pieces, mask, train, jnp.int32(start), num_steps=n)
+    losses.append(piece_losses)
+  np.testing.assert_allclose(whole_losses, np.concatenate(losses), rtol=1e-5)
+  for a, b in zip(
+    jax.tree_util.tree_leaves(whole.params), jax.tree_util.tree_leaves(pieces.params), strict=True
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_masked_grads_with_custom_inner_transform_in_a_step():
