@@ -21,7 +21,8 @@ import re
 
 import numpy as np
 
-from swamp_jax import ensembles, results, runner, saved_runs
+from swamp_jax import ensembles, results, saved_runs
+from swamp_jax import workdir as workdir_lib
 
 ENSEMBLE_METHOD = "ensemble_imp2"
 REPORT_FILE = "report.md"
@@ -62,7 +63,7 @@ def collect_accuracies(runs: dict[str, dict[int, str]]) -> Accuracies:
 
 
 def _has_round_model(workdir: str, round_index: int) -> bool:
-  return os.path.isdir(runner.round_model_path(workdir, round_index))
+  return os.path.isdir(workdir_lib.round_model_path(workdir, round_index))
 
 
 def collect_ensemble_accuracies(seeds: dict[int, str], split: str = "test") -> dict:

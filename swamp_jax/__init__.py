@@ -25,9 +25,10 @@ from swamp_jax.masking import (
 from swamp_jax.models import create_model
 from swamp_jax.optimizers import MaskedState, create_learning_rate_schedule, masked
 from swamp_jax.results import RoundResult, SwampResult
-from swamp_jax.runner import load_final_model, load_round_model, run
+from swamp_jax.runner import run
 from swamp_jax.saved_runs import load_run
 from swamp_jax.swa import SWAState
+from swamp_jax.workdir import load_final_model, load_round_model
 
 __all__ = [
   "Dataset",

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swamp_jax import averaging, batchnorm, evaluation, masking, runner, saved_runs
+from swamp_jax import averaging, batchnorm, evaluation, masking, saved_runs
+from swamp_jax import workdir as workdir_lib
 
 NUM_ALPHAS = 11
 
@@ -185,7 +186,7 @@ def compute_particle_connectivity(
   that round. Returns ``compute_linear_connectivity``'s dict.
   """
   run = saved_runs.load_run(workdir)
-  saved = runner.load_round_model(workdir, round_index)
+  saved = workdir_lib.load_round_model(workdir, round_index)
   if "particle_params" not in saved:
     raise ValueError(f"{workdir!r} saved no particle solutions (config.save_particles=False)")
   count = jax.tree_util.tree_leaves(saved["particle_params"])[0].shape[0]
@@ -226,8 +227,8 @@ def compute_round_connectivity(
   if mask_from not in ("earlier", "later"):
     raise ValueError(f"mask_from must be 'earlier' or 'later', got {mask_from!r}")
   run = saved_runs.load_run(workdir)
-  a = runner.load_round_model(workdir, round_index)
-  b = runner.load_round_model(workdir, round_index + 1)
+  a = workdir_lib.load_round_model(workdir, round_index)
+  b = workdir_lib.load_round_model(workdir, round_index + 1)
   mask = a["mask"] if mask_from == "earlier" else b["mask"]
   return compute_linear_connectivity(
     run.model,

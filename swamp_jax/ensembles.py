@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swamp_jax import evaluation, runner, saved_runs
+from swamp_jax import evaluation, saved_runs
+from swamp_jax import workdir as workdir_lib
 
 
 def stack_members(trees):
@@ -98,7 +99,7 @@ def evaluate_ensemble_of_runs(
   """The ensemble of several runs' averaged models of one round.
 
   Each run's round-``round_index`` model is read with
-  ``runner.load_round_model``; at a given round every run of one config has
+  ``workdir_lib.load_round_model``; at a given round every run of one config has
   the same number of surviving weights, which is checked.
 
   Args:
@@ -117,7 +118,7 @@ def evaluate_ensemble_of_runs(
   """
   if not workdirs:
     raise ValueError("evaluate_ensemble_of_runs needs at least one workdir")
-  saved = [runner.load_round_model(w, round_index) for w in workdirs]
+  saved = [workdir_lib.load_round_model(w, round_index) for w in workdirs]
   kept = [_count_kept(s["mask"]) for s in saved]
   if len(set(kept)) > 1:
     raise ValueError(

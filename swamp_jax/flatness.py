@@ -29,7 +29,8 @@ import numpy as np
 import optax
 
 from swamp_jax import data as data_lib
-from swamp_jax import masking, runner, saved_runs
+from swamp_jax import masking, saved_runs
+from swamp_jax import workdir as workdir_lib
 
 _BATCH_ORDER_SEED = 0
 
@@ -183,7 +184,7 @@ def compute_round_hessian_trace(
     ``{'trace': float, 'stderr': float, 'num_probes': int}``.
   """
   run = saved_runs.load_run(workdir)
-  saved = runner.load_round_model(workdir, round_index)
+  saved = workdir_lib.load_round_model(workdir, round_index)
   params, batch_stats, mask = saved["params"], saved["batch_stats"], saved["mask"]
   if particle is not None:
     take = lambda tree: jax.tree_util.tree_map(lambda x: x[particle], tree)  # noqa: E731

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swamp_jax import averaging, batchnorm, connectivity, masking, results, runner, saved_runs
+from swamp_jax import averaging, batchnorm, connectivity, masking, results, saved_runs
+from swamp_jax import workdir as workdir_lib
 
 COEFFICIENTS = tuple(float(c) for c in np.round(np.arange(0.05, 1.0, 0.05), 2))
 
@@ -145,8 +146,8 @@ def compute_lottery_pool_of_run(
   if candidate_rounds is None:
     rounds = [r.round for r in results.read_results(workdir) if r.round != round_index]
     candidate_rounds = sorted(rounds, key=lambda r: (abs(r - round_index), r))
-  target = runner.load_round_model(workdir, round_index)
-  candidates = [runner.load_round_model(workdir, r)["params"] for r in candidate_rounds]
+  target = workdir_lib.load_round_model(workdir, round_index)
+  candidates = [workdir_lib.load_round_model(workdir, r)["params"] for r in candidate_rounds]
   settings = dict(
     batch_size=run.config.eval_batch_size,
     bn_batch_size=run.config.batch_size,

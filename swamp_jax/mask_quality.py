@@ -12,7 +12,7 @@ deterministic, and does not depend on the SWA settings, so IMP's and SWAMP's
 tickets of one seed are the same) unless given; ``run`` also saves it in the
 workdir (``ticket/``).
 
-This uses ``runner.create_setup`` and ``runner.train_phase``, so a round
+This uses ``run_setup.create_setup`` and ``runner.train_phase``, so a round
 trains as ``run`` trains it, with no copy of the training loop.
 """
 
@@ -23,7 +23,8 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from swamp_jax import imp, masking, runner
+from swamp_jax import imp, masking, run_setup, runner
+from swamp_jax import workdir as workdir_lib
 
 
 class MaskRetrainResult(NamedTuple):
@@ -54,7 +55,7 @@ def compute_ticket(config) -> imp.Ticket:
   With ``rewind_epochs=0`` it is the initialization. Deterministic: the same
   config and seed give the same ticket as the run.
   """
-  return runner.compute_ticket(runner.create_setup(config))
+  return runner.compute_ticket(run_setup.create_setup(config))
 
 
 def retrain_on_mask(config, mask, ticket: imp.Ticket | None = None, round_index: int = 0):
@@ -64,7 +65,7 @@ def retrain_on_mask(config, mask, ticket: imp.Ticket | None = None, round_index:
     config: a run config; it is turned into IMP's (``create_imp_config``),
       whatever its particles and SWA settings.
     mask: bool pytree with the structure and shapes of the model's params
-      (e.g. ``runner.load_round_model(workdir, r)['mask']``).
+      (e.g. ``workdir_lib.load_round_model(workdir, r)['mask']``).
     ticket: the rewind point to start from; None: IMP's ticket of this
       config (``compute_ticket(create_imp_config(config))``).
     round_index: whose data order to use (``imp.particle_key(seed, r, 0)``);
@@ -76,7 +77,7 @@ def retrain_on_mask(config, mask, ticket: imp.Ticket | None = None, round_index:
   Raises:
     ValueError: the mask does not fit the model's params.
   """
-  setup = runner.create_setup(create_imp_config(config))
+  setup = run_setup.create_setup(create_imp_config(config))
   params_struct = jax.tree_util.tree_structure(setup.params)
   if jax.tree_util.tree_structure(mask) != params_struct:
     raise ValueError(
@@ -120,5 +121,5 @@ def retrain_on_saved_mask(
   IMP run's own round r (its ``results.jsonl``, or the same call with the
   IMP workdir) tests claim 5.
   """
-  mask = runner.load_round_model(mask_workdir, round_index)["mask"]
+  mask = workdir_lib.load_round_model(mask_workdir, round_index)["mask"]
   return retrain_on_mask(config, mask, ticket, round_index)

@@ -1,7 +1,7 @@
 """A finished run as the analyses see it: its config, dataset and model, rebuilt from its workdir.
 
 ``run(config, workdir)`` writes ``config.json`` and, per round, the averaged
-model, its mask and each particle's solution (``runner.load_round_model``).
+model, its mask and each particle's solution (``workdir_lib.load_round_model``).
 Everything an analysis needs besides those weights is a function of the
 config, so it is rebuilt here, in one place, rather than stored.
 """
@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from swamp_jax import data as data_lib
-from swamp_jax import models, runner
+from swamp_jax import models
+from swamp_jax import workdir as workdir_lib
 
 SPLITS = ("train", "validation", "test")
 
@@ -39,7 +40,7 @@ class SplitArrays(NamedTuple):
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run wrote to ``workdir/config.json`` (tuples come back as lists)."""
-  path = os.path.join(workdir, runner.CONFIG_FILE)
+  path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not a swamp_jax run's workdir")
   with open(path) as f:

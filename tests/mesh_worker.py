@@ -66,7 +66,7 @@ def main():
   flat["accuracy"] = np.asarray([r.test_accuracy for r in out.rounds])
   flat["particle_accuracy"] = np.asarray([r.particle_test_accuracy for r in out.rounds])
   flat["devices"] = np.asarray(len(jax.devices()))
-  flat["mesh"] = np.asarray(json.dumps(dict(swamp_jax.runner.create_placement(c).mesh.shape)))
+  flat["mesh"] = np.asarray(json.dumps(dict(swamp_jax.run_setup.create_placement(c).mesh.shape)))
   if jax.process_index() == 0:
     np.savez(args.out, **flat)
   return 0

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from swamp_jax import data, ensembles, evaluation, imp, models, results, runner, saved_runs
+from swamp_jax import workdir as workdir_lib
 
 from .saved_runs_for_analyses import get_saved_run
 
@@ -83,7 +84,7 @@ def test_ensemble_of_runs_members_are_the_runs_saved_round_models(tmp_path_facto
 def test_ensemble_of_runs_refuses_members_at_different_sparsities(tmp_path_factory, tmp_path):
   imp_dir = get_saved_run("imp", tmp_path_factory)
   run = saved_runs.load_run(imp_dir)
-  saved = runner.load_round_model(imp_dir, 1)
+  saved = workdir_lib.load_round_model(imp_dir, 1)
   mask = jax.tree_util.tree_map(np.array, saved["mask"])
   mask["fc1"]["kernel"][np.nonzero(mask["fc1"]["kernel"])[0][0], :] = False
   out = imp.RoundOutput(saved["params"], saved["batch_stats"], None, {}, None, None)

@@ -2,7 +2,8 @@ import jax
 import numpy as np
 import pytest
 
-from swamp_jax import lottery_pools, runner, saved_runs
+from swamp_jax import lottery_pools, saved_runs
+from swamp_jax import workdir as workdir_lib
 
 from .saved_runs_for_analyses import get_saved_run
 
@@ -15,7 +16,7 @@ def _leaves(tree):
 def imp_round2(tmp_path_factory):
   workdir = get_saved_run("imp", tmp_path_factory)
   run = saved_runs.load_run(workdir)
-  return workdir, run, runner.load_round_model(workdir, 2)
+  return workdir, run, workdir_lib.load_round_model(workdir, 2)
 
 
 def test_pool_of_a_run_is_as_sparse_as_its_ticket_and_no_worse_on_validation(imp_round2):
@@ -30,7 +31,7 @@ def test_pool_of_a_run_is_as_sparse_as_its_ticket_and_no_worse_on_validation(imp
 
 def test_pool_stays_under_the_target_mask(imp_round2):
   workdir, run, target = imp_round2
-  denser = runner.load_round_model(workdir, 0)["params"]  # nonzero where round 2 prunes
+  denser = workdir_lib.load_round_model(workdir, 0)["params"]  # nonzero where round 2 prunes
   pool = lottery_pools.compute_lottery_pool(
     run.model, target["params"], [denser], {}, target["mask"], run.dataset, (1.0,), 512, 128
   )

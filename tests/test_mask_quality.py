@@ -2,7 +2,8 @@ import jax
 import numpy as np
 import pytest
 
-from swamp_jax import mask_quality, masking, results, runner, saved_runs
+from swamp_jax import mask_quality, masking, results, saved_runs
+from swamp_jax import workdir as workdir_lib
 
 from .saved_runs_for_analyses import get_saved_run
 
@@ -25,7 +26,7 @@ def imp_run(tmp_path_factory):
 
 def test_retraining_on_imps_own_mask_reproduces_the_imp_round(imp_run):
   workdir, config, ticket = imp_run
-  saved = runner.load_round_model(workdir, 2)
+  saved = workdir_lib.load_round_model(workdir, 2)
   out = mask_quality.retrain_on_mask(config, saved["mask"], ticket, round_index=2)
   round2 = results.read_results(workdir)[2]
   assert out.test_accuracy == pytest.approx(round2.test_accuracy, abs=1e-6)
@@ -60,8 +61,8 @@ def test_swamps_mask_is_retrained_from_imps_ticket(imp_run, tmp_path_factory):
   # The SWAMP config made IMP is the IMP run's config: one ticket for both masks.
   assert mask_quality.create_imp_config(swamp_config).to_dict() == config.to_dict()
   out = mask_quality.retrain_on_saved_mask(swamp_config, swamp_dir, 1, ticket)
-  swamp_mask = runner.load_round_model(swamp_dir, 1)["mask"]
-  imp_mask = runner.load_round_model(imp_dir, 1)["mask"]
+  swamp_mask = workdir_lib.load_round_model(swamp_dir, 1)["mask"]
+  imp_mask = workdir_lib.load_round_model(imp_dir, 1)["mask"]
   assert out.sparsity == pytest.approx(results.read_results(swamp_dir)[1].sparsity, abs=1e-12)
   _assert_pruned_weights_are_zero(out.params, swamp_mask)
   # The two runs prune differently: the comparison is not of one mask with itself.

@@ -1,0 +1,241 @@
+"""What a run derives from its config before training: mesh, data on it, model,
+learning-rate schedule, optimizer, and the jitted round programs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from swamp_jax import checkpointing, distributed, imp, masking, models, optimizers, particles
+from swamp_jax import config as config_lib
+from swamp_jax import data as data_lib
+
+
+def resolve_optimizer(config, optimizer) -> optimizers.OptimizerFactory:
+  if optimizer is None:
+    return optimizers.create_optimizer_factory(config)
+  if isinstance(optimizer, optax.GradientTransformation):
+    logging.warning(
+      "optimizer is a fixed transform: its own learning rate is used and does not "
+      "resume at the rewind step; pass `lambda schedule: ...` to use SWAMP's."
+    )
+    return lambda _: optimizer
+  if callable(optimizer):
+    return optimizer
+  raise TypeError(
+    "optimizer must be an optax.GradientTransformation or a function schedule -> transform, "
+    f"got {type(optimizer).__name__}"
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+  """Everything a run derives from its config before training."""
+
+  config: ml_collections.ConfigDict
+  dataset_name: str
+  spe: int  # steps per epoch
+  rewind_step: int  # T0
+  end_step: int  # T
+  params: object  # initial weights
+  batch_stats: object
+  prunable: object
+  placement: distributed.Placement
+  pretrain: imp.RoundPrograms
+  rounds: imp.RoundPrograms
+  train_data: particles.DeviceData
+  eval_data: imp.EvalData
+
+  @property
+  def checkpoint_every(self) -> int:
+    return self.config.checkpoint.every_steps
+
+  @property
+  def steps_per_call(self) -> int:
+    return self.config.epochs_per_call * self.spe
+
+  def programs(self, phase: int) -> imp.RoundPrograms:
+    return self.pretrain if phase == checkpointing.PRETRAIN_PHASE else self.rounds
+
+  def keys(self, phase: int) -> jax.Array:
+    if phase == checkpointing.PRETRAIN_PHASE:
+      return imp.pretrain_key(self.config.seed)[None]
+    n = config_lib.num_particles_in_round(self.config, phase)
+    return jnp.stack([imp.particle_key(self.config.seed, phase, i) for i in range(n)])
+
+  def start(self, phase: int, ticket: imp.Ticket, mask):
+    return self.programs(phase).start(ticket.params, ticket.batch_stats, mask, self.keys(phase))
+
+
+def create_placement(config) -> distributed.Placement:
+  """The run's mesh: config.mesh sizes (0 = automatic) over all devices of all processes."""
+  mesh = distributed.create_mesh(
+    config.num_particles, config.mesh.particle_axis, config.mesh.data_axis
+  )
+  placement = distributed.Placement(mesh)
+  distributed.check_batch_size(config.batch_size, placement)
+  return placement
+
+
+def load_data(config, placement: distributed.Placement):
+  """The dataset, with the training set on the mesh.
+
+  One process holds the whole training set on each device. With several
+  processes each reads only its own rows (TFDS split slicing) and the
+  normalization statistics are combined across processes.
+  """
+  name, data_dir = config.dataset.name, config.dataset.data_dir
+  cache_dir = config.dataset.cache_dir or None
+  if not placement.multi_process:
+    dataset = data_lib.load_dataset(name, data_dir, config.dataset.validation_size, cache_dir)
+    images, labels = dataset.train_images, dataset.train_labels
+    num_train, padded, first = len(labels), len(labels), 0
+    mean, std = dataset.mean, dataset.std
+  else:
+    from jax.experimental import multihost_utils
+
+    num_train = data_lib.count_train_examples(name, data_dir)
+    padded, first, count = distributed.rows_per_process(num_train, placement)
+    stop = min(first + count, num_train)
+    dataset = data_lib.load_dataset(
+      name, data_dir, config.dataset.validation_size, cache_dir, train_rows=(first, stop)
+    )
+    sums = multihost_utils.process_allgather(data_lib.compute_channel_sums(dataset.train_images))
+    mean, std = data_lib.compute_channel_stats(*np.sum(sums, axis=0))
+    pad = count - len(dataset.train_labels)  # rows past the end: never indexed
+    images = np.concatenate(
+      [dataset.train_images, np.zeros((pad, *dataset.image_shape), dataset.train_images.dtype)]
+    )
+    labels = np.concatenate([dataset.train_labels, np.zeros((pad,), np.int32)])
+  rows = placement.dataset
+  train = particles.DeviceData(
+    distributed.put_process_rows(images, rows, padded, first),
+    distributed.put_process_rows(labels, rows, padded, first),
+    *placement.replicate((mean, std)),
+  )
+  evaluation_arrays = (
+    dataset.test_images,
+    dataset.test_labels,
+    dataset.validation_images,
+    dataset.validation_labels,
+  )
+  eval_data = imp.EvalData(*placement.replicate(evaluation_arrays))
+  return dataset, train, eval_data, num_train
+
+
+def create_setup(config, optimizer=None) -> RunSetup:
+  """Everything a run derives from its config before training: mesh, data on it,
+  model, schedule, optimizer and the jitted round programs."""
+  config_lib.validate_config(config)
+  factory = resolve_optimizer(config, optimizer)
+  placement = create_placement(config)
+  dataset, train_data, eval_data, num_train = load_data(config, placement)
+  model = models.create_model(
+    config.model.name, dataset.num_classes, config.model.conv_impl, config.model.bn_momentum
+  )
+  spe = data_lib.steps_per_epoch(num_train, config.batch_size)
+  if spe < 1:
+    raise ValueError(
+      f"batch_size {config.batch_size} exceeds the {num_train} "
+      f"training examples of {dataset.name!r}"
+    )
+  rewind_step = config.rewind_epochs * spe
+  end_step = rewind_step + config.epochs_per_round * spe
+  swa_start = rewind_step + config_lib.swa_start_epoch(config) * spe if config.swa.enabled else None
+  schedule = optimizers.create_learning_rate_schedule(
+    config.optimizer.learning_rate,
+    end_step,
+    swa_start,
+    config.swa.learning_rate,
+    config.optimizer.final_learning_rate,
+  )
+  augment = (
+    data_lib.default_augment(dataset.name)
+    if config.dataset.augment == "auto"
+    else config.dataset.augment == "yes"
+  )
+  spec = particles.StepSpec(
+    batch_size=config.batch_size,
+    num_examples=num_train,
+    augment=augment,
+    swa_start_step=end_step + 1 if swa_start is None else swa_start,
+    swa_every_steps=config.swa.every_epochs * spe,
+  )
+  # The dense phase before the ticket: one network, no SWA.
+  pretrain_spec = dataclasses.replace(spec, swa_start_step=rewind_step + 1)
+  variables = model.init(
+    imp.init_key(config.seed), jnp.zeros((1, *dataset.image_shape), jnp.float32), train=False
+  )
+  params, batch_stats = placement.replicate((variables["params"], variables.get("batch_stats", {})))
+  prunable = masking.compute_prunable(params, config.prune_exclude)
+  settings = imp.RoundSettings(
+    prune_fraction=config.prune_fraction,
+    bn_recompute=config.bn_recompute.enabled,
+    bn_batch_size=config.batch_size,
+    bn_num_batches=config.bn_recompute.num_batches,
+    eval_batch_size=config.eval_batch_size,
+  )
+  # The ticket is trained with the schedule of SWA-free IMP, whatever the SWA settings, so
+  # IMP and SWAMP runs of one seed share their ticket and comparisons between them are paired.
+  ticket_schedule = optimizers.create_learning_rate_schedule(
+    config.optimizer.learning_rate,
+    end_step,
+    None,
+    config.swa.learning_rate,
+    config.optimizer.final_learning_rate,
+  )
+  pretrain_tx = optimizers.masked(factory(ticket_schedule))
+  round_tx = optimizers.masked(factory(optimizers.offset_schedule(schedule, rewind_step)))
+  return RunSetup(
+    config=config,
+    dataset_name=dataset.name,
+    spe=spe,
+    rewind_step=rewind_step,
+    end_step=end_step,
+    params=params,
+    batch_stats=batch_stats,
+    prunable=prunable,
+    placement=placement,
+    pretrain=imp.create_round_programs(
+      model, pretrain_tx, pretrain_spec, prunable, settings, placement
+    ),
+    rounds=imp.create_round_programs(model, round_tx, spec, prunable, settings, placement),
+    train_data=train_data,
+    eval_data=eval_data,
+  )
+
+
+def create_initial_point(setup: RunSetup) -> checkpointing.ResumePoint:
+  phase = checkpointing.PRETRAIN_PHASE if setup.rewind_step > 0 else 0
+  ticket = imp.Ticket(setup.params, setup.batch_stats)
+  mask = setup.placement.replicate(masking.create_dense_mask(setup.params))
+  step = 0 if phase == checkpointing.PRETRAIN_PHASE else setup.rewind_step
+  return checkpointing.ResumePoint(phase, step, ticket, mask, setup.start(phase, ticket, mask), [])
+
+
+def create_abstract_state(setup: RunSetup, phase: int) -> dict:
+  """Shapes and dtypes of a checkpoint's state at ``phase``, to restore into."""
+  ticket = imp.Ticket(setup.params, setup.batch_stats)
+  mask = masking.create_dense_mask(setup.params)
+  shapes = jax.eval_shape(
+    lambda: {"ticket": ticket, "mask": mask, "particles": setup.start(phase, ticket, mask)}
+  )
+  # Restore onto this run's mesh, whatever mesh wrote the checkpoint.
+  n = int(shapes["particles"].key.shape[0])
+  shardings = {
+    "ticket": setup.placement.replicated,
+    "mask": setup.placement.replicated,
+    "particles": setup.placement.particles(n),
+  }
+  return {
+    k: jax.tree_util.tree_map(
+      lambda s, sh=shardings[k]: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), v
+    )
+    for k, v in shapes.items()
+  }
