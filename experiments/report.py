@@ -116,6 +116,8 @@ def plot_accuracies(table: Accuracies, path: str, title: str = "") -> None:
   """Accuracy vs sparsity with error bars (sample std over seeds) for every method."""
   curves = {}
   for method, rows in table.items():
+    if not rows:  # a method without finished rounds yet
+      continue
     sparsities = sorted(rows)
     stats = np.asarray([_summary(rows[s]) for s in sparsities])
     curves[method] = (sparsities, stats[:, 0], stats[:, 1])
