@@ -64,7 +64,7 @@ def _setup(name, impl, steps, batch):
   return model, data, params, bs, mask, spec, tx, programs
 
 
-def bench_model(name, impl, particle_counts, steps, batch, repeats):
+def bench_model(name, impl, particle_counts, steps, batch, repeats, measure_round=True):
   model, data, params, bs, mask, spec, tx, programs = _setup(name, impl, steps, batch)
   per_step = {}
   for n in particle_counts:
@@ -108,12 +108,19 @@ def bench_model(name, impl, particle_counts, steps, batch, repeats):
     f"  scanned chunk / Python loop of jitted steps (N=1): "
     f"{per_step[particle_counts[0]] / loop_step:5.2f}  ({1e3 * loop_step:.2f} ms/step loop)"
   )
+  for n in particle_counts[1:]:
+    print(
+      f"  N={n} scanned step / (N x one particle's Python-loop step) = "
+      f"{per_step[n] / (n * loop_step):5.2f}"
+    )
 
+  if not measure_round:
+    return per_step[particle_counts[0]]
   # Outside compiled code: a round as run() trains it (one scan per epoch, losses to the
   # host after each) against the same steps in one compiled loop.
-  n = max(particle_counts)
+  n = min(4, max(particle_counts))
   keys = jnp.stack([imp.particle_key(0, 0, i) for i in range(n)])
-  epochs = 4
+  epochs = 3
   holder = [programs.start(params, bs, mask, keys)]
 
   def per_epoch():
@@ -200,6 +207,7 @@ def main():
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--skip_round", action="store_true", help="skip the outside-compiled share")
   args = parser.parse_args()
   counts = [int(n) for n in args.particles.split(",")]
   print(
@@ -211,7 +219,7 @@ def main():
     for impl in args.impls.split(","):
       print(f"{name} [{impl}]", flush=True)
       one_particle[(name, impl)] = bench_model(
-        name, impl, counts, args.steps, args.batch, args.repeats
+        name, impl, counts, args.steps, args.batch, args.repeats, not args.skip_round
       )
       print(
         f"  peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB",

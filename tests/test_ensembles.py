@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from swamp_jax import data, ensembles, evaluation, imp, models, results, runner, saved_runs
+from swamp_jax import data, ensembles, evaluation, imp, models, results, saved_runs
 from swamp_jax import workdir as workdir_lib
 
 from .saved_runs_for_analyses import get_saved_run
@@ -88,6 +88,6 @@ def test_ensemble_of_runs_refuses_members_at_different_sparsities(tmp_path_facto
   mask = jax.tree_util.tree_map(np.array, saved["mask"])
   mask["fc1"]["kernel"][np.nonzero(mask["fc1"]["kernel"])[0][0], :] = False
   out = imp.RoundOutput(saved["params"], saved["batch_stats"], None, {}, None, None)
-  runner.save_round_model(str(tmp_path), 1, out, mask, with_particles=False)
+  workdir_lib.save_round_model(str(tmp_path), 1, out, mask, with_particles=False)
   with pytest.raises(ValueError, match="not at one sparsity"):
     ensembles.evaluate_ensemble_of_runs([imp_dir, str(tmp_path)], 1, run.dataset, run.model)
