@@ -83,6 +83,20 @@ def create_placement(config) -> distributed.Placement:
   return placement
 
 
+def load_config_dataset(config, train_rows=None) -> data_lib.Dataset:
+  """``config.dataset`` loaded (``train_rows``: one process's rows only)."""
+  d = config.dataset
+  return data_lib.load_dataset(
+    d.name, d.data_dir, d.validation_size, d.cache_dir or None, train_rows=train_rows
+  )
+
+
+def create_config_model(config, num_classes: int):
+  """``config.model`` as a Flax module."""
+  m = config.model
+  return models.create_model(m.name, num_classes, m.conv_impl, m.bn_momentum)
+
+
 def load_data(config, placement: distributed.Placement):
   """The dataset, with the training set on the mesh.
 
@@ -90,22 +104,18 @@ def load_data(config, placement: distributed.Placement):
   processes each reads only its own rows (TFDS split slicing) and the
   normalization statistics are combined across processes.
   """
-  name, data_dir = config.dataset.name, config.dataset.data_dir
-  cache_dir = config.dataset.cache_dir or None
   if not placement.multi_process:
-    dataset = data_lib.load_dataset(name, data_dir, config.dataset.validation_size, cache_dir)
+    dataset = load_config_dataset(config)
     images, labels = dataset.train_images, dataset.train_labels
     num_train, padded, first = len(labels), len(labels), 0
     mean, std = dataset.mean, dataset.std
   else:
     from jax.experimental import multihost_utils
 
-    num_train = data_lib.count_train_examples(name, data_dir)
+    num_train = data_lib.count_train_examples(config.dataset.name, config.dataset.data_dir)
     padded, first, count = distributed.rows_per_process(num_train, placement)
     stop = min(first + count, num_train)
-    dataset = data_lib.load_dataset(
-      name, data_dir, config.dataset.validation_size, cache_dir, train_rows=(first, stop)
-    )
+    dataset = load_config_dataset(config, train_rows=(first, stop))
     sums = multihost_utils.process_allgather(data_lib.compute_channel_sums(dataset.train_images))
     mean, std = data_lib.compute_channel_stats(*np.sum(sums, axis=0))
     pad = count - len(dataset.train_labels)  # rows past the end: never indexed
@@ -136,9 +146,7 @@ def create_setup(config, optimizer=None) -> RunSetup:
   factory = resolve_optimizer(config, optimizer)
   placement = create_placement(config)
   dataset, train_data, eval_data, num_train = load_data(config, placement)
-  model = models.create_model(
-    config.model.name, dataset.num_classes, config.model.conv_impl, config.model.bn_momentum
-  )
+  model = create_config_model(config, dataset.num_classes)
   spe = data_lib.steps_per_epoch(num_train, config.batch_size)
   if spe < 1:
     raise ValueError(

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from swamp_jax import data as data_lib
-from swamp_jax import models
+from swamp_jax import run_setup
 from swamp_jax import workdir as workdir_lib
 
 SPLITS = ("train", "validation", "test")
@@ -48,17 +48,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def create_model_and_dataset(config) -> tuple[object, data_lib.Dataset]:
-  """The model and dataset that ``run`` builds from ``config``."""
-  dataset = data_lib.load_dataset(
-    config.dataset.name,
-    config.dataset.data_dir,
-    config.dataset.validation_size,
-    config.dataset.cache_dir or None,
-  )
-  model = models.create_model(
-    config.model.name, dataset.num_classes, config.model.conv_impl, config.model.bn_momentum
-  )
-  return model, dataset
+  """The model and dataset that ``run`` builds from ``config`` (the same functions)."""
+  dataset = run_setup.load_config_dataset(config)
+  return run_setup.create_config_model(config, dataset.num_classes), dataset
 
 
 def load_run(workdir: str) -> SavedRun:
