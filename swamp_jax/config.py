@@ -26,6 +26,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: TFDS default
   c.dataset.cache_dir = "~/.cache/swamp_jax"  # decoded-array cache; '' disables
   c.dataset.validation_size = 0  # held out of train, for choices; test is reported
+  c.dataset.train_size = 0  # train on a fixed subset of this size (a CPU budget); 0: all
   c.dataset.augment = "auto"  # 'auto' (crop+flip for CIFAR), 'yes', 'no'
 
   c.model = ml_collections.ConfigDict()

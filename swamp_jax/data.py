@@ -138,6 +138,7 @@ def load_dataset(
   validation_size: int = 0,
   cache_dir: str | None = "~/.cache/swamp_jax",
   train_rows: tuple[int, int] | None = None,
+  train_size: int = 0,
 ) -> Dataset:
   """Loads ``name`` ('digits' or a TFDS image-classification dataset).
 
@@ -151,6 +152,9 @@ def load_dataset(
     train_rows: (start, stop): read only these rows of the training split
       (one process's shard, TFDS split slicing); ``mean``/``std`` are then
       of these rows only, and ``validation_size`` must be 0.
+    train_size: train on only this many examples (the first ones of the same
+      fixed permutation, so the subset and the validation split never meet
+      and are the same for every seed and method); 0: all the rest.
 
   Returns:
     A ``Dataset``.
@@ -170,8 +174,14 @@ def load_dataset(
     raise ValueError(
       f"validation_size must be in [0, {len(x_tr)}) for {name!r}, got {validation_size}"
     )
+  available = len(x_tr) - validation_size
+  if not 0 <= train_size <= available:
+    raise ValueError(
+      f"train_size must be in [0, {available}] for {name!r} with validation_size="
+      f"{validation_size} (0: all), got {train_size}"
+    )
   order = np.random.default_rng(0).permutation(len(x_tr))
-  train_idx = np.sort(order[: len(x_tr) - validation_size])
+  train_idx = np.sort(order[: train_size or available])
   val_idx = np.sort(order[len(x_tr) - validation_size :])
   x_val, y_val = x_tr[val_idx], y_tr[val_idx]
   x_tr, y_tr = x_tr[train_idx], y_tr[train_idx]

@@ -87,7 +87,12 @@ def load_config_dataset(config, train_rows=None) -> data_lib.Dataset:
   """``config.dataset`` loaded (``train_rows``: one process's rows only)."""
   d = config.dataset
   return data_lib.load_dataset(
-    d.name, d.data_dir, d.validation_size, d.cache_dir or None, train_rows=train_rows
+    d.name,
+    d.data_dir,
+    d.validation_size,
+    d.cache_dir or None,
+    train_rows=train_rows,
+    train_size=d.train_size,
   )
 
 

@@ -178,6 +178,7 @@ BAD_INPUTS = [
   ("num_particles", 0, ValueError, "num_particles"),
   ("swa.start", 1.5, ValueError, "swa.start"),
   ("model.conv_impl", "fft", ValueError, "fft"),
+  ("dataset.train_size", 10**6, ValueError, "train_size"),
 ]
 
 
