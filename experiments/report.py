@@ -83,14 +83,16 @@ def collect_ensemble_accuracies(seeds: dict[int, str], split: str = "test") -> d
   return rows
 
 
-def _summary(values: list[float]) -> tuple[float, float]:
-  """Mean and sample std (0 for one value), in %."""
-  v = 100 * np.asarray(values)
+def _summary(values: list[float], scale: float = 100.0) -> tuple[float, float]:
+  """Mean and sample std (0 for one value) of ``scale * values`` (default: in %)."""
+  v = scale * np.asarray(values, dtype=np.float64)
   return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
 
 
-def format_markdown(table: Accuracies, counts: dict[str, int]) -> str:
-  """One row per sparsity, one column per method: 'mean ± std' in %.
+def format_markdown(
+  table: Accuracies, counts: dict[str, int], scale: float = 100.0, digits: int = 2
+) -> str:
+  """One row per sparsity, one column per method: 'mean ± std' of ``scale * values``.
 
   A cell over fewer values than ``counts[method]`` (unfinished runs) says how many.
   """
@@ -105,23 +107,29 @@ def format_markdown(table: Accuracies, counts: dict[str, int]) -> str:
       if not values:
         cells.append("")
         continue
-      mean, std = _summary(values)
-      cell = f"{mean:.2f} ± {std:.2f}" if counts[m] > 1 else f"{mean:.2f}"
+      mean, std = _summary(values, scale)
+      cell = f"{mean:.{digits}f} ± {std:.{digits}f}" if counts[m] > 1 else f"{mean:.{digits}f}"
       cells.append(cell + (f" (n={len(values)})" if len(values) < counts[m] else ""))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-def plot_accuracies(table: Accuracies, path: str, title: str = "") -> None:
-  """Accuracy vs sparsity with error bars (sample std over seeds) for every method."""
+def plot_accuracies(
+  table: Accuracies,
+  path: str,
+  title: str = "",
+  scale: float = 100.0,
+  ylabel: str = "test accuracy (%)",
+) -> None:
+  """``scale * values`` vs sparsity with error bars (sample std over seeds) per method."""
   curves = {}
   for method, rows in table.items():
     if not rows:  # a method without finished rounds yet
       continue
     sparsities = sorted(rows)
-    stats = np.asarray([_summary(rows[s]) for s in sparsities])
+    stats = np.asarray([_summary(rows[s], scale) for s in sparsities])
     curves[method] = (sparsities, stats[:, 0], stats[:, 1])
-  results.plot_curves(curves, path, title)
+  results.plot_curves(curves, path, title, ylabel)
 
 
 def write_report(out: str, ensemble: bool = False, ensemble_of: str = "imp") -> str:

@@ -155,11 +155,13 @@ def format_table(rounds: list[RoundResult]) -> str:
   return "\n".join(lines)
 
 
-def plot_curves(curves: dict, path: str, title: str = "") -> None:
-  """Test accuracy (%) against sparsity (%), one line per label.
+def plot_curves(
+  curves: dict, path: str, title: str = "", ylabel: str = "test accuracy (%)"
+) -> None:
+  """A quantity (test accuracy in % by default) against sparsity (%), one line per label.
 
   Args:
-    curves: label -> (sparsities, accuracies, errors or None), in percent.
+    curves: label -> (sparsities in %, values, errors or None).
   """
   import matplotlib
 
@@ -170,7 +172,7 @@ def plot_curves(curves: dict, path: str, title: str = "") -> None:
   for label, (x, y, err) in curves.items():
     ax.errorbar(x, y, yerr=err, marker="o", capsize=3 if err is not None else 0, label=label)
   ax.set_xlabel("sparsity (%)")
-  ax.set_ylabel("test accuracy (%)")
+  ax.set_ylabel(ylabel)
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend()

@@ -15,6 +15,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import ml_collections
 
+from swamp_jax import config as config_lib
 from swamp_jax import data as data_lib
 from swamp_jax import run_setup
 from swamp_jax import workdir as workdir_lib
@@ -39,12 +40,19 @@ class SplitArrays(NamedTuple):
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run wrote to ``workdir/config.json`` (tuples come back as lists)."""
+  """The config a run wrote to ``workdir/config.json``, over today's defaults.
+
+  Starting from ``config.get_default_config()`` lets a run written before a
+  field existed load with that field's default (which is what it ran with).
+  """
   path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not a swamp_jax run's workdir")
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    written = json.load(f)
+  config = config_lib.get_default_config()
+  config.update(written)
+  return config
 
 
 def create_model_and_dataset(config) -> tuple[object, data_lib.Dataset]:
