@@ -12,7 +12,10 @@ each seed, computes (../shared/SWAMP.md, claims 3-5):
 - ``hessian``: Hutchinson's estimate of the training-loss Hessian trace of
   each round's averaged model (fixed training batches and probes);
 - ``mask_quality``: one IMP round retrained on SWAMP's round-r mask from the
-  IMP run's own ticket and data order, against that IMP run's round r.
+  IMP run's own ticket and data order, against that IMP run's round r;
+- ``lottery_pools``: the Lottery Pool of round r (one more baseline): round r's
+  solution mixed greedily, on the validation split, with the nearest
+  ``--pool_candidates`` rounds' solutions under round r's mask.
 
 Rows go to OUT/analyses/KIND.jsonl, one per (method, seed, round), and rows
 already there are skipped, so an interrupted analysis continues where it
@@ -29,9 +32,9 @@ from typing import NamedTuple
 
 from report import find_runs, format_markdown, plot_accuracies
 
-from swamp_jax import connectivity, flatness, mask_quality, results, saved_runs
+from swamp_jax import connectivity, flatness, lottery_pools, mask_quality, results, saved_runs
 
-ANALYSES = ("particle_lmc", "round_lmc", "hessian", "mask_quality")
+ANALYSES = ("particle_lmc", "round_lmc", "hessian", "mask_quality", "lottery_pools")
 ANALYSIS_DIR = "analyses"
 REPORT_FILE = "analyses.md"
 
@@ -76,6 +79,18 @@ def compute_row(kind: str, workdir: str, imp_workdir: str | None, r: int, args) 
       "on_imp_mask": own.test_accuracy,
       "gain": retrained.test_accuracy - own.test_accuracy,
       "sparsity_check": retrained.sparsity,
+    }
+  elif kind == "lottery_pools":
+    others = [x.round for x in results.read_results(workdir) if x.round != r]
+    nearest = sorted(others, key=lambda x: (abs(x - r), x))[: args.pool_candidates]
+    out = lottery_pools.compute_lottery_pool_of_run(workdir, r, nearest)
+    return {
+      "test_accuracy": out["test_accuracy"],
+      "ticket_test_accuracy": out["ticket_test_accuracy"],
+      "gain": out["test_accuracy"] - out["ticket_test_accuracy"],
+      "validation_accuracy": out["validation_accuracy"],
+      "ticket_validation_accuracy": out["ticket_validation_accuracy"],
+      "weights": {str(k): v for k, v in out["weights"].items()},
     }
   else:
     raise ValueError(f"unknown analysis {kind!r}; known: {', '.join(ANALYSES)}")
@@ -142,6 +157,15 @@ QUANTITIES = [
     "gain (points)",
     "gain of IMP on this method's mask over IMP on its own (points, paired by seed)",
   ),
+  Quantity("lottery_pools", "test_accuracy", 100, 2, "test accuracy (%)", "Lottery Pool (%)"),
+  Quantity(
+    "lottery_pools",
+    "gain",
+    100,
+    2,
+    "gain (points)",
+    "Lottery Pool's gain over its round's solution",
+  ),
 ]
 
 
@@ -190,6 +214,8 @@ def main():
   parser.add_argument("--round_lmc_methods", default="imp,swamp")
   parser.add_argument("--hessian_methods", default="imp,imp_swa,swamp")
   parser.add_argument("--mask_quality_methods", default="swamp")
+  parser.add_argument("--lottery_pools_methods", default="imp")
+  parser.add_argument("--pool_candidates", type=int, default=4, help="nearest rounds pooled")
   for kind in ANALYSES:
     parser.add_argument(f"--{kind}_rounds", default="all", help="'all', 'a,b,c' or 'a:b:c'")
   parser.add_argument("--probes", type=int, default=10, help="Hutchinson probes")

@@ -8,8 +8,9 @@ Runs IMP+SWA (one particle, so the choice costs a quarter of a SWAMP run) for
 each (learning rate, start) pair on a seed the published grid does not use,
 then ranks the pairs by mean validation accuracy over the rounds at or above
 ``--min_sparsity`` (where the methods differ), and writes the ranking to
-OUT/selection.md. The test accuracy of these runs is not read. Finished runs
-are skipped, so an interrupted selection continues where it stopped.
+OUT/selection.md and the winner to OUT/selection.json. The test accuracy of
+these runs is not read. Finished runs are skipped, so an interrupted
+selection continues where it stopped.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def main():
   ]
   with open(os.path.join(args.out, "selection.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
+  with open(os.path.join(args.out, "selection.json"), "w") as f:
+    json.dump({"learning_rate": float(scores[0][1]), "start": float(scores[0][2])}, f)
   print("\n".join(lines), flush=True)
 
 

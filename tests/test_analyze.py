@@ -32,6 +32,9 @@ def _args(out, **overrides):
     round_lmc_methods="swamp",
     hessian_methods="imp,swamp",
     mask_quality_methods="imp,swamp",
+    lottery_pools_methods="imp",
+    lottery_pools_rounds="1",
+    pool_candidates=2,
     particle_lmc_rounds="1",
     round_lmc_rounds="0",
     hessian_rounds="1",
@@ -62,6 +65,11 @@ def test_analyses_of_a_sweep_folder(tmp_path, tmp_path_factory):
   assert {r["method"] for r in rows("hessian")} == {"imp", "swamp"}
   assert all(r["trace"] > 0 for r in rows("hessian"))
   assert [r["round"] for r in rows("round_lmc")] == [0]
+  (pool,) = rows("lottery_pools")
+  # The greedy search starts from the round's own solution and keeps only improvements.
+  assert sum(pool["weights"].values()) == pytest.approx(1.0)
+  assert set(pool["weights"]) <= {"0", "1", "2"}
+  assert pool["validation_accuracy"] >= pool["ticket_validation_accuracy"]
 
   # A second call computes nothing new: every row is already there.
   before = {k: rows(k) for k in analyze.ANALYSES}
