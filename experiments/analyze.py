@@ -97,6 +97,16 @@ def compute_row(kind: str, workdir: str, imp_workdir: str | None, r: int, args) 
   return {"loss_barrier": out["loss_barrier"], "accuracy_barrier": out["accuracy_barrier"]}
 
 
+def skip_reason(kind: str, workdir: str) -> str | None:
+  """Why the run in ``workdir`` cannot give analysis ``kind``, or None."""
+  config = saved_runs.load_config(workdir)
+  if kind == "particle_lmc" and (config.num_particles < 2 or not config.save_particles):
+    return "it has one particle or saved no particle solutions (save_particles=False)"
+  if kind == "lottery_pools" and not config.dataset.validation_size:
+    return "it holds out no validation split (dataset.validation_size=0)"
+  return None
+
+
 def run_analyses(args) -> None:
   runs = find_runs(args.out)
   os.makedirs(os.path.join(args.out, ANALYSIS_DIR), exist_ok=True)
@@ -111,8 +121,14 @@ def run_analyses(args) -> None:
         if workdir is None or (kind == "mask_quality" and imp_workdir is None):
           print(f"{kind}: no {method} (or imp) run of seed {seed} in {args.out}; skipped")
           continue
+        reason = skip_reason(kind, workdir)
+        if reason:
+          print(f"{kind}: {method} seed {seed} skipped: {reason}")
+          continue
         rounds = results.read_results(workdir)
         last = len(rounds) - (1 if kind == "round_lmc" else 0)
+        if kind == "mask_quality":  # rounds both runs have finished
+          last = min(last, len(results.read_results(imp_workdir)))
         for r in parse_rounds(getattr(args, f"{kind}_rounds"), last):
           if (method, seed, r) in done:
             continue
