@@ -62,6 +62,29 @@ def collect_accuracies(runs: dict[str, dict[int, str]]) -> Accuracies:
   return table
 
 
+def collect_paired_differences(runs: dict[str, dict[int, str]], baseline: str = "imp"):
+  """method -> sparsity -> [accuracy - baseline's accuracy] over seeds both have run.
+
+  Runs of one seed share their ticket (the SWA-free IMP schedule trains it), so
+  the per-seed difference removes the ticket's share of the seed-to-seed spread.
+  """
+
+  def by_seed(workdir):
+    return {_sparsity_key(r.sparsity): r.test_accuracy for r in results.read_results(workdir)}
+
+  base = {seed: by_seed(w) for seed, w in runs[baseline].items()}
+  table = {}
+  for method, seeds in runs.items():
+    if method == baseline:
+      continue
+    rows = table.setdefault(method, {})
+    for seed in sorted(set(seeds) & set(base)):
+      for sparsity, accuracy in by_seed(seeds[seed]).items():
+        if sparsity in base[seed]:
+          rows.setdefault(sparsity, []).append(accuracy - base[seed][sparsity])
+  return table
+
+
 def _has_round_model(workdir: str, round_index: int) -> bool:
   return os.path.isdir(workdir_lib.round_model_path(workdir, round_index))
 
@@ -94,7 +117,8 @@ def format_markdown(
 ) -> str:
   """One row per sparsity, one column per method: 'mean ± std' of ``scale * values``.
 
-  A cell over fewer values than ``counts[method]`` (unfinished runs) says how many.
+  A cell over fewer values than ``counts[method]`` (unfinished runs) says how many;
+  one over a single value shows no std.
   """
   methods = list(table)
   sparsities = sorted({s for rows in table.values() for s in rows})
@@ -108,7 +132,7 @@ def format_markdown(
         cells.append("")
         continue
       mean, std = _summary(values, scale)
-      cell = f"{mean:.{digits}f} ± {std:.{digits}f}" if counts[m] > 1 else f"{mean:.{digits}f}"
+      cell = f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
       cells.append(cell + (f" (n={len(values)})" if len(values) < counts[m] else ""))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -147,6 +171,15 @@ def write_report(out: str, ensemble: bool = False, ensemble_of: str = "imp") -> 
     counts[ENSEMBLE_METHOD] = len(seeds) * (len(seeds) - 1) // 2
   markdown = format_markdown(table, counts)
   title = os.path.basename(os.path.abspath(out))
+  paired = ""
+  if ensemble_of in runs and len(runs) > 1:
+    differences = collect_paired_differences(runs, ensemble_of)
+    paired = (
+      f"\n\n## Difference from {ensemble_of}, paired by seed (points)\n\n"
+      f"Per seed, the method's accuracy minus {ensemble_of}'s at the same sparsity "
+      "(the same ticket); mean ± sample std over seeds.\n\n"
+      + format_markdown(differences, {m: len(runs[m]) for m in differences})
+    )
   with open(os.path.join(out, REPORT_FILE), "w") as f:
     f.write(
       f"# {title}\n\nTest accuracy (%) of the averaged model, mean ± sample std over seeds; "
@@ -154,7 +187,9 @@ def write_report(out: str, ensemble: bool = False, ensemble_of: str = "imp") -> 
       + (f" (for {ENSEMBLE_METHOD}: pairs of {ensemble_of} seeds)" if ensemble else "")
       + ".\n\n"
       + markdown
-      + f"\n\n![accuracy vs sparsity]({PLOT_FILE})\n"
+      + f"\n\n![accuracy vs sparsity]({PLOT_FILE})"
+      + paired
+      + "\n"
     )
   plot_accuracies(table, os.path.join(out, PLOT_FILE), title)
   return markdown
