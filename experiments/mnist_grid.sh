@@ -32,7 +32,7 @@ print(f\"--config.swa.learning_rate={d['learning_rate']} --config.swa.start={d['
     --methods imp,swamp_noswa,imp_swa,swamp --seeds 0,1,2 -- $flags $swa
   python experiments/report.py --out "$OUT/$name" --ensemble
   python experiments/analyze.py --out "$OUT/$name" --seeds 0,1,2 \
-    --hessian_rounds 0:22:3 --mask_quality_rounds 3:22:3
+    --hessian_rounds 0:22:3 --mask_quality_rounds 3:22:3 --lottery_pools_rounds 3:22:3
 }
 
 if [[ $WHICH == lenet300 || $WHICH == all ]]; then
