@@ -8,12 +8,14 @@ config, so it is rebuilt here, in one place, rather than stored.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import NamedTuple
 
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from swamp_jax import config as config_lib
 from swamp_jax import data as data_lib
@@ -55,10 +57,35 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def create_model_and_dataset(config) -> tuple[object, data_lib.Dataset]:
-  """The model and dataset that ``run`` builds from ``config`` (the same functions)."""
+@functools.lru_cache(maxsize=4)
+def _load_dataset(dataset_fields: str) -> data_lib.Dataset:
+  config = config_lib.get_default_config()
+  config.dataset.update(json.loads(dataset_fields))
   dataset = run_setup.load_config_dataset(config)
-  return run_setup.create_config_model(config, dataset.num_classes), dataset
+  for value in dataset:
+    if isinstance(value, np.ndarray):
+      value.flags.writeable = False  # shared by every run that reads it
+  return dataset
+
+
+@functools.lru_cache(maxsize=16)
+def _create_model(model_fields: str, num_classes: int):
+  config = config_lib.get_default_config()
+  config.model.update(json.loads(model_fields))
+  return run_setup.create_config_model(config, num_classes)
+
+
+def create_model_and_dataset(config) -> tuple[object, data_lib.Dataset]:
+  """The model and dataset that ``run`` builds from ``config`` (the same functions).
+
+  Both are cached by their config fields: the analyses of a sweep's runs then
+  read the data once and share one model object, so jitted analysis programs
+  (the model is a static argument) compile once. The dataset's arrays are
+  read-only.
+  """
+  dataset = _load_dataset(json.dumps(config.dataset.to_dict(), sort_keys=True))
+  model = _create_model(json.dumps(config.model.to_dict(), sort_keys=True), dataset.num_classes)
+  return model, dataset
 
 
 def load_run(workdir: str) -> SavedRun:
