@@ -19,10 +19,9 @@ import argparse
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
+from sweep import train_unless_finished
 
 
 def mean_validation_accuracy(results_file: str, min_sparsity: float) -> float:
@@ -48,24 +47,13 @@ def main():
   scores = []
   for lr, start in pairs:
     workdir = os.path.join(args.out, f"lr{lr}_start{start}")
-    if not os.path.isdir(os.path.join(workdir, "final_model")):
-      cmd = [
-        sys.executable,
-        "-m",
-        "swamp_jax",
-        f"--config={args.config}",
-        f"--workdir={workdir}",
-        f"--config.seed={args.seed}",
-        "--config.progress=False",
-        "--config.overwrite=True",
-        "--config.num_particles=1",
-        "--config.swa.enabled=True",
-        f"--config.swa.learning_rate={lr}",
-        f"--config.swa.start={start}",
-        *args.overrides,
-      ]
-      print("run", " ".join(cmd), flush=True)
-      subprocess.run(cmd, check=True)
+    swa_flags = [
+      "--config.num_particles=1",
+      "--config.swa.enabled=True",
+      f"--config.swa.learning_rate={lr}",
+      f"--config.swa.start={start}",
+    ]
+    train_unless_finished(args.config, workdir, args.seed, [*swa_flags, *args.overrides])
     score = mean_validation_accuracy(os.path.join(workdir, "results.jsonl"), args.min_sparsity)
     scores.append((score, lr, start))
   scores.sort(reverse=True)

@@ -27,6 +27,26 @@ METHODS = {
 }
 
 
+def train_unless_finished(config: str, workdir: str, seed: int, flags: list[str]) -> None:
+  """Runs ``python -m swamp_jax`` on ``workdir`` unless it holds a finished run."""
+  if os.path.isdir(os.path.join(workdir, "final_model")):
+    print(f"skip {workdir}: finished", flush=True)
+    return
+  cmd = [
+    sys.executable,
+    "-m",
+    "swamp_jax",
+    f"--config={config}",
+    f"--workdir={workdir}",
+    f"--config.seed={seed}",
+    "--config.progress=False",
+    "--config.overwrite=True",
+    *flags,
+  ]
+  print("run", " ".join(cmd), flush=True)
+  subprocess.run(cmd, check=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", required=True)
@@ -41,23 +61,7 @@ def main():
   for seed in args.seeds.split(","):
     for method in args.methods.split(","):
       workdir = os.path.join(args.out, method, f"seed{seed}")
-      if os.path.isdir(os.path.join(workdir, "final_model")):
-        print(f"skip {workdir}: finished", flush=True)
-        continue
-      cmd = [
-        sys.executable,
-        "-m",
-        "swamp_jax",
-        f"--config={args.config}",
-        f"--workdir={workdir}",
-        f"--config.seed={seed}",
-        "--config.progress=False",
-        "--config.overwrite=True",
-        *METHODS[method],
-        *args.overrides,
-      ]
-      print("run", " ".join(cmd), flush=True)
-      subprocess.run(cmd, check=True)
+      train_unless_finished(args.config, workdir, seed, [*METHODS[method], *args.overrides])
 
 
 if __name__ == "__main__":
