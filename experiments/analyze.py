@@ -30,7 +30,7 @@ import json
 import os
 from typing import NamedTuple
 
-from report import find_runs, format_markdown, plot_accuracies
+from report import _sparsity_key, find_runs, format_markdown, plot_accuracies
 
 from swamp_jax import connectivity, flatness, lottery_pools, mask_quality, results, saved_runs
 
@@ -194,13 +194,13 @@ def write_summary(out: str) -> str:
       continue
     table, seeds = {}, {}
     for x in rows:
-      key = round(100 * x["sparsity"], 2)
+      key = _sparsity_key(x["sparsity"])
       table.setdefault(x["method"], {}).setdefault(key, []).append(x[field])
       seeds.setdefault(x["method"], set()).add(x["seed"])
     if kind == "mask_quality" and field == "on_this_mask":
+      own = table.setdefault("imp (own mask)", {})
       for x in rows:  # IMP on its own mask, the comparison's other side
-        table.setdefault("imp (own mask)", {}).setdefault(round(100 * x["sparsity"], 2), [])
-        table["imp (own mask)"][round(100 * x["sparsity"], 2)].append(x["on_imp_mask"])
+        own.setdefault(_sparsity_key(x["sparsity"]), []).append(x["on_imp_mask"])
         seeds.setdefault("imp (own mask)", set()).add(x["seed"])
     counts = {m: len(s) for m, s in seeds.items()}
     plot = f"analyses_{kind}_{field}.png"
