@@ -2,7 +2,11 @@
 # The MNIST results published in the README and experiments/results/mnist_*: run from the
 # repo root. Every stage skips what is already finished, so rerunning continues a cut run.
 #
-#   bash experiments/mnist_grid.sh [lenet300|cnn|all] [OUT]
+#   bash experiments/mnist_grid.sh [lenet300|cnn|all] [OUT] [RESULTS]
+#
+# Runs go to OUT (default runs/grid); the published files (reports, plots, analyses, the SWA
+# selection and every run's results.jsonl) are copied to RESULTS/NAME (default
+# experiments/results/mnist_grid). An existing OUT/NAME_select/selection.json is reused.
 #
 # Budget (2 CPU cores, the grid's two models run side by side): about 2.5 hours in all.
 # Sizes chosen to fit it, not tuned: 21 prunes of 20% (99.08% sparsity), rewind after 1
@@ -13,6 +17,7 @@
 set -euo pipefail
 WHICH=${1:-all}
 OUT=${2:-runs/grid}
+RESULTS=${3:-experiments/results/mnist_grid}
 DATA=${TFDS_DATA_DIR:-../shared/data/tensorflow_datasets}
 COMMON="--config.num_rounds=21 --config.dataset.validation_size=5000
   --config.checkpoint.every_steps=0 --config.dataset.data_dir=$DATA"
@@ -21,9 +26,11 @@ grid() {  # NAME CONFIG LEARNING_RATES STARTS "ANALYSIS FLAGS" OVERRIDES...
   local name=$1 config=$2 lrs=$3 starts=$4 analysis=$5
   shift 5
   local flags="$COMMON $*"
-  # shellcheck disable=SC2086
-  python experiments/select_swa.py --config "$config" --out "$OUT/${name}_select" \
-    --learning_rates "$lrs" --starts "$starts" -- $flags --config.save_particles=False
+  if [[ ! -f $OUT/${name}_select/selection.json ]]; then
+    # shellcheck disable=SC2086
+    python experiments/select_swa.py --config "$config" --out "$OUT/${name}_select" \
+      --learning_rates "$lrs" --starts "$starts" -- $flags --config.save_particles=False
+  fi
   local swa
   swa=$(python -c "import json; d = json.load(open('$OUT/${name}_select/selection.json'));
 print(f\"--config.swa.learning_rate={d['learning_rate']} --config.swa.start={d['start']}\")")
@@ -34,6 +41,21 @@ print(f\"--config.swa.learning_rate={d['learning_rate']} --config.swa.start={d['
   # shellcheck disable=SC2086
   python experiments/analyze.py --out "$OUT/$name" --hessian_rounds 0:22:3 \
     --mask_quality_rounds 3:22:3 --lottery_pools_rounds 3:22:3 $analysis
+  publish "$name"
+}
+
+publish() {  # NAME: copy what the README cites into RESULTS/NAME
+  local name=$1 run
+  local dest=$RESULTS/$name
+  mkdir -p "$dest/analyses"
+  cp "$OUT/$name"/{report.md,analyses.md,*.png} "$dest/"
+  cp "$OUT/$name"/analyses/*.jsonl "$dest/analyses/"
+  cp "$OUT/${name}_select"/selection.{md,json} "$dest/"
+  for run in "$OUT/$name"/*/seed*/; do
+    run=${run%/}
+    mkdir -p "$dest/runs/${run#"$OUT/$name/"}"
+    cp "$run/results.jsonl" "$dest/runs/${run#"$OUT/$name/"}/"
+  done
 }
 
 if [[ $WHICH == lenet300 || $WHICH == all ]]; then
