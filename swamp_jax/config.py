@@ -9,6 +9,8 @@ config built by hand) and every value against its range.
 from __future__ import annotations
 
 import difflib
+import fractions
+import math
 
 import ml_collections
 from ml_collections import config_dict
@@ -59,12 +61,20 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   c.swa = ml_collections.ConfigDict()
   c.swa.enabled = True
-  c.swa.start = 0.75  # fraction of the round, rounded to whole epochs
+  # SWA phase: from epoch s = floor(start * epochs_per_round) of the round (exact decimal
+  # arithmetic: 0.75 * 10 -> 7), at the constant swa.learning_rate; the weights at the ends of
+  # epochs s + every, s + 2 * every, ... are averaged: (E - s) // every snapshots, e.g.
+  # E=200 -> epochs 151..200 (50), E=10 -> 8..10 (3), E=4 -> 4 (1).
+  c.swa.start = 0.75  # fraction of the round
   c.swa.learning_rate = 0.05  # constant during the SWA phase
   c.swa.every_epochs = 1
 
   c.bn_recompute = ml_collections.ConfigDict()
-  c.bn_recompute.enabled = True  # recompute BN stats of averaged weights
+  # Recompute BN statistics of averaged solutions (a particle's SWA mean of several
+  # snapshots, the mean of several particles); a solution that averages nothing (IMP's last
+  # weights) keeps its running statistics, as plain IMP does. Both numbers are reported.
+  c.bn_recompute.enabled = True
+  c.bn_recompute.unaveraged = False  # also recompute for solutions that average nothing
   c.bn_recompute.num_batches = 0  # <= 0: one full epoch
 
   c.mesh = ml_collections.ConfigDict()
@@ -186,6 +196,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       config.swa.learning_rate > 0,
       f"swa.learning_rate must be > 0, got {config.swa.learning_rate!r}",
     )
+    _require(
+      count_swa_snapshots(config) >= 1,
+      f"swa.start={config.swa.start!r} and swa.every_epochs={config.swa.every_epochs!r} leave "
+      f"no epoch end to average in a round of epochs_per_round={config.epochs_per_round!r} "
+      f"(the SWA phase starts after epoch {swa_start_epoch(config)}); lower swa.start or "
+      "swa.every_epochs, or set swa.enabled=False",
+    )
 
 
 def num_particles_in_round(config, round_index: int) -> int:
@@ -194,5 +211,19 @@ def num_particles_in_round(config, round_index: int) -> int:
 
 
 def swa_start_epoch(config) -> int:
-  """Epoch of the round (counted from T0) at which SWA collection starts."""
-  return int(round(config.swa.start * config.epochs_per_round))
+  """Epoch s of the round (counted from T0) at whose end the SWA phase starts.
+
+  ``floor(swa.start * epochs_per_round)`` in exact decimal arithmetic (the
+  float 0.29 * 100 is 28.999..., but the user wrote 29%): the learning rate
+  reaches the SWA rate at the end of epoch s, and the ends of the epochs
+  after it are collected (``swa.should_collect``).
+  """
+  start = fractions.Fraction(str(config.swa.start))
+  return math.floor(start * config.epochs_per_round)
+
+
+def count_swa_snapshots(config) -> int:
+  """How many weights each particle's SWA mean averages in a round: (E - s) // every."""
+  if not config.swa.enabled:
+    return 0
+  return (config.epochs_per_round - swa_start_epoch(config)) // config.swa.every_epochs

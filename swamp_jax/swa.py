@@ -35,12 +35,17 @@ def update_swa(state: SWAState, params, collect) -> SWAState:
 def should_collect(step, swa_start_step: int, swa_every_steps: int):
   """Whether the weights after global step ``step`` (0-based) enter the mean.
 
-  Collected after steps swa_start, swa_start + every, ... (counted as the
-  number of steps completed), so with epoch-aligned values the weights at the
-  end of each SWA-phase epoch, including the last, are averaged.
+  Collected after steps swa_start + every, swa_start + 2 * every, ...
+  (counted as the number of steps completed), never at ``swa_start_step``
+  itself: there the schedule has only just reached the SWA rate, and the
+  SWA recipe averages the weights at the *ends* of the SWA-phase epochs. With
+  epoch-aligned values, a round of E epochs whose SWA phase starts after
+  epoch s collects the ends of epochs s + every, s + 2 * every, ..., that is
+  (E - s) // every snapshots, the last one the end of the round when
+  ``every`` divides E - s (e.g. E=200, s=150, every=1: epochs 151..200, 50).
   """
   done = step + 1
-  return (done >= swa_start_step) & ((done - swa_start_step) % swa_every_steps == 0)
+  return (done > swa_start_step) & ((done - swa_start_step) % swa_every_steps == 0)
 
 
 def compute_swa_solution(state: SWAState, params):

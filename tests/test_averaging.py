@@ -1,8 +1,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from swamp_jax import averaging, swa
+from swamp_jax.config import count_swa_snapshots, get_default_config, swa_start_epoch
 
 
 def _stacked(n=4, seed=0):
@@ -46,8 +48,8 @@ def test_swa_running_mean_equals_mean_of_collected_weights():
     if collect:
       collected.append(np.asarray(w["w"]))
     state = swa.update_swa(state, w, collect)
-  # Steps completed 3, 5, 7, 9 -> steps 2, 4, 6, 8 (0-based).
-  assert int(state.count) == 4 == len(collected)
+  # Steps completed 5, 7, 9 -> steps 4, 6, 8 (0-based); never the start itself.
+  assert int(state.count) == 3 == len(collected)
   np.testing.assert_allclose(state.mean["w"], np.mean(collected, axis=0), rtol=1e-6)
   solution = swa.compute_swa_solution(state, weights[-1])
   np.testing.assert_allclose(solution["w"], state.mean["w"])
@@ -64,3 +66,27 @@ def test_interpolate_endpoints():
   np.testing.assert_allclose(averaging.interpolate(a, b, 0.0)["w"], 0.0)
   np.testing.assert_allclose(averaging.interpolate(a, b, 1.0)["w"], 1.0)
   np.testing.assert_allclose(averaging.interpolate(a, b, 0.25)["w"], 0.25)
+
+
+@pytest.mark.parametrize(
+  ("epochs", "start", "every", "first_epoch"),
+  [(4, 0.75, 1, 4), (10, 0.75, 1, 8), (200, 0.75, 1, 151), (10, 0.5, 2, 7), (100, 0.29, 1, 30)],
+)
+def test_swa_averages_the_ends_of_the_epochs_after_its_start(epochs, start, every, first_epoch):
+  """A round of E epochs with SWA from ``start`` collects E - floor(start * E) epoch ends
+  (every ``every``-th), the first one after the start epoch, the last the round's end."""
+  c = get_default_config()
+  c.epochs_per_round, c.swa.start, c.swa.every_epochs = epochs, start, every
+  spe, rewind = 3, 5  # steps per epoch, and a rewind point: global steps start at T0
+  s = swa_start_epoch(c)
+  assert s == first_epoch - every  # floor, in exact decimal arithmetic (0.29 * 100 -> 29)
+  done = [
+    step + 1
+    for step in range(rewind, rewind + epochs * spe)
+    if swa.should_collect(step, rewind + s * spe, every * spe)
+  ]
+  collected_epochs = [(d - rewind) / spe for d in done]
+  assert collected_epochs == list(range(first_epoch, epochs + 1, every))
+  assert len(done) == count_swa_snapshots(c) == (epochs - s) // every
+  if every == 1:
+    assert len(done) == epochs - int(np.floor(start * epochs + 1e-9))

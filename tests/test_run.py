@@ -177,6 +177,7 @@ BAD_INPUTS = [
   ("prune_fraction", 1.0, ValueError, "prune_fraction"),
   ("num_particles", 0, ValueError, "num_particles"),
   ("swa.start", 1.5, ValueError, "swa.start"),
+  ("swa.start", 1.0, ValueError, "no epoch end to average"),
   ("model.conv_impl", "fft", ValueError, "fft"),
   ("dataset.train_size", 10**6, ValueError, "train_size"),
 ]
