@@ -67,13 +67,26 @@ def init_key(seed: int) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class RoundSettings:
-  """Static settings of ``finish``."""
+  """Static settings of ``finish``.
+
+  BatchNorm statistics are recomputed (``bn_recompute``) for solutions that
+  are averages of several weights: a particle's SWA mean of more than one
+  snapshot, and the mean of several particles. A solution that averages
+  nothing (IMP's last weights, or a one-snapshot SWA mean) keeps its own
+  running statistics, as plain IMP does, unless ``bn_recompute_unaveraged``.
+  """
 
   prune_fraction: float
   bn_recompute: bool
   bn_batch_size: int
   bn_num_batches: int
   eval_batch_size: int
+  swa_snapshots: int = 0  # weights each particle's SWA mean averages (0: SWA off)
+  bn_recompute_unaveraged: bool = False
+
+  def recomputes(self, num_averaged: int) -> bool:
+    """Whether BN statistics of a solution averaging ``num_averaged`` weights are recomputed."""
+    return self.bn_recompute and (num_averaged > 1 or self.bn_recompute_unaveraged)
 
 
 def _evaluate(model, params, batch_stats, images, labels, mean, std, batch_size):
@@ -94,29 +107,40 @@ def finish_round(
 ) -> RoundOutput:
   """Average the particles' solutions, fix BN, evaluate, prune from the average.
 
-  Outputs other than the per-particle ones are replicated over the mesh.
+  The headline metrics (``average/*``, ``particles/*``) use recomputed
+  BatchNorm statistics for averaged solutions and running ones otherwise
+  (``RoundSettings.recomputes``). With BatchNorm and ``bn_recompute`` the
+  average is also reported both ways (``average_running_bn/*``,
+  ``average_recomputed_bn/*``), and ``bn/average_recomputed`` says which one
+  the headline is. Outputs other than the per-particle ones are replicated
+  over the mesh.
   """
   n = states.key.shape[0]
   lift = functools.partial(particles.lift_over_particles, num_particles=n, placement=placement)
   solutions = particles.compute_solutions(states, placement)
   avg_params = averaging.average_particles(solutions)
   running_bs = averaging.average_particles(states.batch_stats)
-  if settings.bn_recompute:
-    recompute = functools.partial(
-      batchnorm.recompute_batch_stats,
-      model,
-      images=data.images,
-      mean=data.mean,
-      std=data.std,
-      batch_size=settings.bn_batch_size,
-      num_batches=settings.bn_num_batches,
-    )
-    avg_bs = recompute(avg_params, running_bs)
+  has_bn = bool(jax.tree_util.tree_leaves(running_bs))
+  snapshots = max(settings.swa_snapshots, 1)  # SWA off: a particle's solution is its last weights
+  recompute_average = settings.recomputes(n * snapshots)
+  recompute = functools.partial(
+    batchnorm.recompute_batch_stats,
+    model,
+    images=data.images,
+    mean=data.mean,
+    std=data.std,
+    batch_size=settings.bn_batch_size,
+    num_batches=settings.bn_num_batches,
+  )
+  recomputed_bs = recompute(avg_params, running_bs) if settings.bn_recompute else running_bs
+  avg_bs = recomputed_bs if recompute_average else running_bs
+  particle_bs = states.batch_stats
+  if settings.recomputes(snapshots):
     particle_bs = lift(recompute)(solutions, states.batch_stats)
-  else:
-    avg_bs, particle_bs = running_bs, states.batch_stats
 
   metrics = {}
+  if has_bn:
+    metrics["bn/average_recomputed"] = jnp.asarray(recompute_average)
   splits = [("test", eval_data.test_images, eval_data.test_labels)]
   if eval_data.validation_images.shape[0]:
     splits.append(("validation", eval_data.validation_images, eval_data.validation_labels))
@@ -130,15 +154,21 @@ def finish_round(
       std=data.std,
       batch_size=settings.eval_batch_size,
     )
-    for name, value in evaluate(avg_params, avg_bs).items():
+    headline = evaluate(avg_params, avg_bs)
+    for name, value in headline.items():
       metrics[f"average/{split}_{name}"] = value
     for name, value in lift(evaluate)(solutions, particle_bs).items():
       metrics[f"particles/{split}_{name}"] = value
-    if settings.bn_recompute and jax.tree_util.tree_leaves(running_bs):
-      # The switchable choice, reported both ways: the average with the
-      # particles' mean running statistics instead of recomputed ones.
-      for name, value in evaluate(avg_params, running_bs).items():
-        metrics[f"average_running_bn/{split}_{name}"] = value
+    if settings.bn_recompute and has_bn:
+      # BN after averaging is switchable, so the average is reported both ways, whichever
+      # the headline is (evaluated once each).
+      other = evaluate(avg_params, running_bs if recompute_average else recomputed_bs)
+      both = {"recomputed": headline, "running": other}
+      if not recompute_average:
+        both = {"recomputed": other, "running": headline}
+      for kind, values in both.items():
+        for name, value in values.items():
+          metrics[f"average_{kind}_bn/{split}_{name}"] = value
   next_mask = masking.compute_mask(avg_params, mask, prunable, settings.prune_fraction)
   out = RoundOutput(avg_params, avg_bs, next_mask, metrics, solutions, particle_bs)
   if placement is not None:

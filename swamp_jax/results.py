@@ -23,11 +23,16 @@ class RoundResult:
       measured from the mask.
     remaining: surviving prunable weights; ``prunable``: all of them.
     num_particles: particles trained (1 in SWAMP+'s early rounds, for IMP).
-    test_accuracy, test_loss: the averaged model (recomputed BN if enabled).
+    test_accuracy, test_loss: the averaged model, with recomputed BN
+      statistics when it averages several weights (several particles, or a
+      SWA mean of several snapshots) and running ones when it does not
+      (IMP): ``bn_statistics`` says which (None without BatchNorm).
     particle_test_accuracy, particle_test_loss: each particle's solution.
     mean_particle_test_accuracy, mean_particle_test_loss: their means.
-    running_bn_test_accuracy: the averaged model with the particles' mean
-      running BN statistics instead (None without BN or recompute).
+    running_bn_test_accuracy, recomputed_bn_test_accuracy: the averaged
+      model with the particles' mean running BN statistics, and with
+      recomputed ones (one of them is ``test_accuracy``; None without BN or
+      with ``bn_recompute.enabled=False``).
     validation_accuracy, particle_validation_accuracy: on the held-out part
       of the training set (None without one).
     seconds: wall time of the round.
@@ -48,6 +53,8 @@ class RoundResult:
   validation_accuracy: float | None = None
   particle_validation_accuracy: tuple[float, ...] | None = None
   seconds: float = 0.0
+  recomputed_bn_test_accuracy: float | None = None
+  bn_statistics: str | None = None  # 'recomputed' or 'running': those of test_accuracy
 
   @classmethod
   def from_metrics(cls, round_index, remaining, prunable, num_particles, metrics, seconds):
@@ -75,6 +82,12 @@ class RoundResult:
       validation_accuracy=opt("average/validation_accuracy"),
       particle_validation_accuracy=opt("particles/validation_accuracy", as_tuple=True),
       seconds=float(seconds),
+      recomputed_bn_test_accuracy=opt("average_recomputed_bn/test_accuracy"),
+      bn_statistics=(
+        None
+        if "bn/average_recomputed" not in m
+        else ("recomputed" if bool(m["bn/average_recomputed"]) else "running")
+      ),
     )
 
   def to_json(self) -> str:
@@ -137,20 +150,26 @@ def read_results(workdir: str) -> list[RoundResult]:
 
 
 def format_table(rounds: list[RoundResult]) -> str:
-  """A fixed-width table, one row per round (accuracies in %)."""
+  """A fixed-width table, one row per round (accuracies in %).
+
+  ``average`` is the headline (``test_accuracy``); ``running-BN`` and
+  ``recomp-BN`` are the average with each kind of BatchNorm statistics.
+  """
   header = (
     f"{'round':>5} {'sparsity':>9} {'N':>3} {'average':>8} {'particles':>10} "
-    f"{'best':>7} {'running-BN':>10}"
+    f"{'best':>7} {'running-BN':>10} {'recomp-BN':>9}"
   )
+
+  def percent(value, width):
+    return f"{'':>{width}}" if value is None else f"{100 * value:>{width}.2f}"
+
   lines = [header, "-" * len(header)]
   for r in rounds:
-    running = (
-      "" if r.running_bn_test_accuracy is None else f"{100 * r.running_bn_test_accuracy:.2f}"
-    )
     lines.append(
       f"{r.round:>5} {100 * r.sparsity:>8.2f}% {r.num_particles:>3} "
       f"{100 * r.test_accuracy:>8.2f} {100 * r.mean_particle_test_accuracy:>10.2f} "
-      f"{100 * max(r.particle_test_accuracy):>7.2f} {running:>10}"
+      f"{100 * max(r.particle_test_accuracy):>7.2f} "
+      f"{percent(r.running_bn_test_accuracy, 10)} {percent(r.recomputed_bn_test_accuracy, 9)}"
     )
   return "\n".join(lines)
 

@@ -193,6 +193,8 @@ def create_setup(config, optimizer=None) -> RunSetup:
     bn_batch_size=config.batch_size,
     bn_num_batches=config.bn_recompute.num_batches,
     eval_batch_size=config.eval_batch_size,
+    swa_snapshots=config_lib.count_swa_snapshots(config),
+    bn_recompute_unaveraged=config.bn_recompute.unaveraged,
   )
   # The ticket is trained with the schedule of SWA-free IMP, whatever the SWA settings, so
   # IMP and SWAMP runs of one seed share their ticket and comparisons between them are paired.

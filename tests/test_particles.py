@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -6,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from swamp_jax import batchnorm, data, imp, masking, optimizers, particles
+from swamp_jax import batchnorm, data, ensembles, imp, masking, optimizers, particles, results
 
 
 class TinyNet(nn.Module):
@@ -103,8 +104,8 @@ def test_pruned_weights_stay_zero_and_swa_collects_on_schedule():
     jax.tree_util.tree_leaves(states.params), jax.tree_util.tree_leaves(mask), strict=True
   ):
     assert np.all(np.asarray(p)[:, ~np.asarray(m)] == 0)
-  # Steps completed 3 and 5 are collected (start 3, every 2) within 6 steps.
-  np.testing.assert_array_equal(states.swa.count, [2, 2])
+  # Of 6 steps, only step 5 completed is collected (start 3, every 2: after the start).
+  np.testing.assert_array_equal(states.swa.count, [1, 1])
 
 
 def test_train_program_does_not_retrace_on_a_second_call():
@@ -206,3 +207,66 @@ def test_masked_grads_with_custom_inner_transform_in_a_step():
   )(states, mask, train, jnp.int32(0), num_steps=4)
   kernel = np.asarray(states.params["Dense_0"]["kernel"])
   assert np.all(kernel[:, ~np.asarray(mask["Dense_0"]["kernel"])] == 0)
+
+
+def _finish(num_particles, swa_snapshots, unaveraged=False):
+  """A trained round of TinyNet (BatchNorm) finished under the given averaging."""
+  model, params, batch_stats, mask, spec, tx, train = _setup()
+  prunable = masking.compute_prunable(params)
+  settings = imp.RoundSettings(0.2, True, 16, 0, 50, swa_snapshots, unaveraged)
+  spec = dataclasses.replace(spec, swa_start_step=4 if swa_snapshots else 100)
+  programs = imp.create_round_programs(model, tx, spec, prunable, settings)
+  keys = jnp.stack([imp.particle_key(0, 0, n) for n in range(num_particles)])
+  states = programs.start(params, batch_stats, mask, keys)
+  states, _ = programs.train(states, mask, train, jnp.int32(0), num_steps=8)
+  eval_data = imp.EvalData(train.images, train.labels, train.images[:0], train.labels[:0])
+  out = programs.finish(states, mask, train, eval_data)
+  recomputed = batchnorm.recompute_batch_stats(
+    model, out.params, batch_stats, train.images, train.mean, train.std, 16, 0
+  )
+  return model, train, states, out, recomputed
+
+
+def _same_tree(a, b):
+  return all(
+    np.array_equal(x, y)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+  )
+
+
+def test_imp_keeps_running_batchnorm_statistics_and_reports_the_recomputed_ones_beside():
+  model, train, states, out, recomputed = _finish(num_particles=1, swa_snapshots=0)
+  own = jax.tree_util.tree_map(lambda x: x[0], states.batch_stats)
+  assert _same_tree(out.batch_stats, own)  # plain IMP: nothing averaged, nothing recomputed
+  assert _same_tree(out.particle_batch_stats, states.batch_stats)
+  m = jax.device_get(out.metrics)
+  assert not m["bn/average_recomputed"]
+  assert m["average/test_accuracy"] == m["average_running_bn/test_accuracy"]
+  assert "average_recomputed_bn/test_accuracy" in m
+  result = results.RoundResult.from_metrics(1, 5, 10, 1, m, 0.0)
+  assert result.bn_statistics == "running"
+  assert result.test_accuracy == result.running_bn_test_accuracy
+  # What a 2-IMP ensemble reads back (the saved round model) has the statistics of the IMP row.
+  members = ensembles.stack_members([out.params] * 2)
+  member_bs = ensembles.stack_members([out.batch_stats] * 2)
+  ensemble = ensembles.evaluate_ensemble(
+    model, members, member_bs, train.images, train.labels, train.mean, train.std, 50
+  )
+  np.testing.assert_allclose(ensemble["member_accuracies"], [m["average/test_accuracy"]] * 2)
+
+
+def test_averaged_solutions_get_recomputed_batchnorm_statistics():
+  for num_particles, snapshots in ((2, 0), (1, 3), (2, 3)):
+    _, _, states, out, recomputed = _finish(num_particles, snapshots)
+    assert _same_tree(out.batch_stats, recomputed), (num_particles, snapshots)
+    m = jax.device_get(out.metrics)
+    assert m["bn/average_recomputed"]
+    assert m["average/test_accuracy"] == m["average_recomputed_bn/test_accuracy"]
+    result = results.RoundResult.from_metrics(1, 5, 10, num_particles, m, 0.0)
+    assert result.bn_statistics == "recomputed"
+    assert result.running_bn_test_accuracy is not None
+    # A particle's statistics are recomputed only when its solution is a SWA mean.
+    assert _same_tree(out.particle_batch_stats, states.batch_stats) == (snapshots == 0)
+  # The earlier behaviour, on request: IMP's last weights get recomputed statistics too.
+  _, _, _, out, recomputed = _finish(1, 0, unaveraged=True)
+  assert _same_tree(out.batch_stats, recomputed)
