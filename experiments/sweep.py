@@ -5,8 +5,9 @@ r"""Runs a grid of methods x seeds of one config into one folder, skipping finis
       -- --config.dataset.data_dir=../shared/data/tensorflow_datasets
 
 Each run goes to OUT/METHOD/seedS (its own workdir: results.jsonl, plot, model).
-A run whose workdir already holds a finished run is skipped, so an interrupted
-sweep is continued by running the same command again.
+A run whose workdir already holds a finished run is skipped and an interrupted
+one resumes from its newest checkpoint, so an interrupted sweep is continued,
+losing nothing, by running the same command again.
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ METHODS = {
 
 
 def train_unless_finished(config: str, workdir: str, seed: int, flags: list[str]) -> None:
-  """Runs ``python -m swamp_jax`` on ``workdir`` unless it holds a finished run."""
+  """Runs ``python -m swamp_jax`` on ``workdir`` unless it holds a finished run.
+
+  An interrupted run (checkpoints, no final model) is resumed where its newest
+  checkpoint left it, never retrained: the run itself resumes a workdir it
+  finds unfinished, so the sweep must not pass ``overwrite``.
+  """
   if os.path.isdir(os.path.join(workdir, "final_model")):
     print(f"skip {workdir}: finished", flush=True)
     return
@@ -40,10 +46,10 @@ def train_unless_finished(config: str, workdir: str, seed: int, flags: list[str]
     f"--workdir={workdir}",
     f"--config.seed={seed}",
     "--config.progress=False",
-    "--config.overwrite=True",
     *flags,
   ]
-  print("run", " ".join(cmd), flush=True)
+  resuming = os.path.isdir(os.path.join(workdir, "checkpoints"))
+  print("resume" if resuming else "run", " ".join(cmd), flush=True)
   subprocess.run(cmd, check=True)
 
 
