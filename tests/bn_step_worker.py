@@ -36,8 +36,10 @@ def main(out, particle_axis, data_axis, num_steps=2):
   keys = jnp.stack([imp.particle_key(0, 0, i) for i in range(2)])
   states = programs.start(params, batch_stats, mask, keys)
   states, losses = programs.train(states, mask, data, jnp.int32(0), num_steps=num_steps)
-  leaves = jax.tree_util.tree_leaves((states.params, states.batch_stats, losses))
-  np.savez(out, *[np.asarray(x) for x in leaves])
+  flat = {"losses": np.asarray(losses)}
+  for path, leaf in jax.tree_util.tree_leaves_with_path((states.params, states.batch_stats)):
+    flat[f"state{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+  np.savez(out, **flat)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,41 @@ def make_config(model="lenet5", num_particles=4, particle_axis=0, data_axis=0):
   return c
 
 
+def record_reference(config, workdir, rounds) -> dict:
+  """What the equivalence checks of test_mesh.py need from the reference run.
+
+  ``pruned_from``: the averaged weights of the second-to-last round, from
+  which the final mask was pruned (near-ties of the threshold may flip);
+  ``logits_average``/``logits_particles``: every round's models on the test
+  set (near-ties of the top two logits may flip a prediction).
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from swamp_jax import data, run_setup
+  from swamp_jax import workdir as workdir_lib
+
+  dataset = run_setup.load_config_dataset(config)
+  model = run_setup.create_config_model(config, dataset.num_classes)
+  x = data.preprocess(jnp.asarray(dataset.test_images), dataset.mean, dataset.std)
+
+  def logits(params, batch_stats):
+    return model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+
+  flat = {}
+  for r in range(len(rounds)):
+    saved = workdir_lib.load_round_model(workdir, r)
+    flat[f"logits_average_{r}"] = np.asarray(logits(saved["params"], saved["batch_stats"]))
+    flat[f"logits_particles_{r}"] = np.asarray(
+      jax.vmap(logits)(saved["particle_params"], saved["particle_batch_stats"])
+    )
+  if len(rounds) > 1:
+    prev = workdir_lib.load_round_model(workdir, len(rounds) - 2)["params"]
+    for path, leaf in jax.tree_util.tree_leaves_with_path(prev):
+      flat[f"pruned_from{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+  return flat
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--out", required=True)
@@ -47,6 +82,7 @@ def main():
   parser.add_argument("--num_processes", type=int, default=None)
   parser.add_argument("--process_id", type=int, default=None)
   parser.add_argument("--workdir", default=None)
+  parser.add_argument("--reference", action="store_true", help="record what tolerances need")
   args = parser.parse_args()
 
   from swamp_jax import distributed
@@ -58,7 +94,8 @@ def main():
   import swamp_jax
 
   c = make_config(args.model, args.num_particles, args.particle_axis, args.data_axis)
-  out = swamp_jax.run(c, args.workdir)
+  workdir = args.workdir or (args.out + ".work" if args.reference else None)
+  out = swamp_jax.run(c, workdir)
   flat = {}
   for name, tree in (("params", out.params), ("mask", out.mask), ("bs", out.batch_stats)):
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
@@ -67,6 +104,8 @@ def main():
   flat["particle_accuracy"] = np.asarray([r.particle_test_accuracy for r in out.rounds])
   flat["devices"] = np.asarray(len(jax.devices()))
   flat["mesh"] = np.asarray(json.dumps(dict(swamp_jax.run_setup.create_placement(c).mesh.shape)))
+  if args.reference:
+    flat.update(record_reference(c, workdir, out.rounds))
   if jax.process_index() == 0:
     np.savez(args.out, **flat)
   return 0
