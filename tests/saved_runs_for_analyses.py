@@ -7,6 +7,7 @@ pytest fixture imported into several test modules would run once per module.
 import swamp_jax
 from swamp_jax import mask_quality
 
+from . import equivalence
 from .conftest import create_tiny_config
 
 _WORKDIRS = {}
@@ -27,3 +28,20 @@ def get_saved_run(method: str, tmp_path_factory) -> str:
     swamp_jax.run(config, workdir)
     _WORKDIRS[method] = workdir
   return _WORKDIRS[method]
+
+
+def compute_test_logits(workdir: str, params, batch_stats=None):
+  """A saved run's model with ``params`` on its test split: [n, num_classes] logits (for the
+  near-tie allowance of tests/equivalence.py)."""
+  import numpy as np
+
+  from swamp_jax import data, saved_runs
+
+  run = saved_runs.load_run(workdir)
+  x = data.preprocess(run.dataset.test_images, run.dataset.mean, run.dataset.std)
+  variables = {"params": params, "batch_stats": batch_stats or {}}
+  return np.asarray(run.model.apply(variables, x, train=False))
+
+
+# LeNet-300-100 evaluated by two programs: 3 layers, sums of at most 300 terms (its fan-in).
+LENET300_EVAL_RTOL = equivalence.training_rtol(1, 300, depth=3)

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 from swamp_jax import batchnorm, connectivity, data, evaluation, masking, results
+from swamp_jax import workdir as workdir_lib
 
-from .saved_runs_for_analyses import get_saved_run
+from . import equivalence
+from .saved_runs_for_analyses import LENET300_EVAL_RTOL, compute_test_logits, get_saved_run
 
 
 class TinyBNNet(nn.Module):
@@ -40,7 +42,14 @@ def _metrics_with_recomputed_bn(model, params, batch_stats, dataset):
   stats = batchnorm.recompute_batch_stats(model, params, batch_stats, train, mean, std, 64, 0)
   test_images, test_labels = jnp.asarray(dataset.test_images), jnp.asarray(dataset.test_labels)
   variables = {"params": params, "batch_stats": stats}
-  return evaluation.compute_metrics(model, variables, test_images, test_labels, mean, std, 100)
+  metrics = evaluation.compute_metrics(model, variables, test_images, test_labels, mean, std, 100)
+  logits = model.apply(variables, data.preprocess(test_images, mean, std), train=False)
+  return metrics, np.asarray(logits)
+
+
+# The path's program vs eager calls (tests/equivalence.py): dense, BN statistics, their mean
+# over the recompute's batches, dense and the test-set mean in sequence; sums of <= 360 terms.
+TINY_BN_EVAL_RTOL = equivalence.training_rtol(1, 360, depth=5)
 
 
 def _path(setting, params_a, params_b, mask, split="test"):
@@ -55,9 +64,10 @@ def test_interpolation_endpoints_reproduce_the_endpoint_metrics(setting):
   path = _path(setting, params_a, params_b, mask)
   np.testing.assert_array_equal(path["alphas"], [0, 0.25, 0.5, 0.75, 1])
   for i, params in ((0, params_a), (-1, params_b)):
-    expected = _metrics_with_recomputed_bn(model, params, batch_stats, dataset)
-    assert path["accuracy"][i] == float(expected["accuracy"])
-    np.testing.assert_allclose(path["loss"][i], expected["loss"], rtol=1e-6)
+    expected, logits = _metrics_with_recomputed_bn(model, params, batch_stats, dataset)
+    acc = float(expected["accuracy"])
+    equivalence.assert_accuracies_agree(path["accuracy"][i], acc, logits, TINY_BN_EVAL_RTOL)
+    equivalence.assert_close_normwise(path["loss"][i], expected["loss"], TINY_BN_EVAL_RTOL)
   assert path["loss_barrier"] >= 0 and path["accuracy_barrier"] >= 0
 
 
@@ -95,12 +105,21 @@ def test_saved_run_paths_end_at_the_saved_solutions(tmp_path_factory):
   workdir = get_saved_run("swamp", tmp_path_factory)
   rounds = results.read_results(workdir)
   path = connectivity.compute_particle_connectivity(workdir, 1, (0, 1), num_alphas=3)
-  np.testing.assert_allclose(path["accuracy"][[0, -1]], rounds[1].particle_test_accuracy, atol=1e-6)
+  # The path's program and the run's evaluate the same models: equal up to near-ties.
+  saved = {r: workdir_lib.load_round_model(workdir, r) for r in (1, 2)}
+
+  def assert_same_accuracy(accuracy, expected, params):
+    logits = compute_test_logits(workdir, params)
+    equivalence.assert_accuracies_agree(accuracy, expected, logits, LENET300_EVAL_RTOL)
+
+  for end, i in ((0, 0), (-1, 1)):
+    particle = jax.tree_util.tree_map(lambda x, i=i: x[i], saved[1]["particle_params"])
+    assert_same_accuracy(path["accuracy"][end], rounds[1].particle_test_accuracy[i], particle)
   for mask_from in ("earlier", "later"):
     path = connectivity.compute_round_connectivity(workdir, 1, mask_from, num_alphas=3)
     # w_2 lies in round 2's mask, so alpha=1 is round 2's model under either choice.
-    assert path["accuracy"][-1] == pytest.approx(rounds[2].test_accuracy, abs=1e-6)
+    assert_same_accuracy(path["accuracy"][-1], rounds[2].test_accuracy, saved[2]["params"])
     if mask_from == "earlier":
-      assert path["accuracy"][0] == pytest.approx(rounds[1].test_accuracy, abs=1e-6)
+      assert_same_accuracy(path["accuracy"][0], rounds[1].test_accuracy, saved[1]["params"])
   with pytest.raises(ValueError, match="mask_from"):
     connectivity.compute_round_connectivity(workdir, 1, "both")

@@ -6,7 +6,8 @@ import pytest
 from swamp_jax import data, ensembles, evaluation, imp, models, results, saved_runs
 from swamp_jax import workdir as workdir_lib
 
-from .saved_runs_for_analyses import get_saved_run
+from . import equivalence
+from .saved_runs_for_analyses import LENET300_EVAL_RTOL, compute_test_logits, get_saved_run
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,14 @@ def _args(dataset):
   )
 
 
+RTOL = LENET300_EVAL_RTOL
+
+
+def _logits(model, params, dataset):
+  x = data.preprocess(dataset.test_images, dataset.mean, dataset.std)
+  return np.asarray(model.apply({"params": params}, x, train=False))
+
+
 def test_ensemble_of_identical_members_equals_the_member(digits):
   model = models.create_model("lenet300_100", 10)
   params = _init(model, 0, digits)
@@ -35,9 +44,14 @@ def test_ensemble_of_identical_members_equals_the_member(digits):
   stacked = ensembles.stack_members([params, params])
   out = ensembles.evaluate_ensemble(model, stacked, {}, images, labels, mean, std, 128)
   single = evaluation.compute_metrics(model, {"params": params}, images, labels, mean, std, 128)
-  assert float(out["accuracy"]) == float(single["accuracy"])
-  np.testing.assert_allclose(out["loss"], single["loss"], rtol=1e-5)
-  np.testing.assert_array_equal(out["member_accuracies"], [single["accuracy"]] * 2)
+  # Two programs (softmax then mean, vs logits): equal up to near-ties, and the loss up to
+  # the rounding of the logits and of the test-set mean (360 terms).
+  logits = _logits(model, params, digits)
+  accuracy = float(single["accuracy"])
+  equivalence.assert_accuracies_agree(float(out["accuracy"]), accuracy, logits, RTOL)
+  for member_accuracy in out["member_accuracies"]:
+    equivalence.assert_accuracies_agree(float(member_accuracy), accuracy, logits, RTOL)
+  equivalence.assert_close_normwise(out["loss"], single["loss"], equivalence.sum_rtol(3 * 360))
   probs = ensembles.compute_member_probabilities(model, stacked, {}, images, mean, std, 128)
   np.testing.assert_array_equal(probs[0], probs[1])
   # A second call with new values of the same shapes reuses the compiled program (other
@@ -66,7 +80,8 @@ def test_ensemble_of_two_members_scores_the_mean_of_their_probabilities(digits):
   np.testing.assert_allclose(out["loss"], expected_loss, rtol=1e-5)
   for p, acc in zip(members, out["member_accuracies"], strict=True):
     single = evaluation.compute_metrics(model, {"params": p}, images, labels, mean, std, 100)
-    assert float(acc) == float(single["accuracy"])
+    logits = _logits(model, p, digits)
+    equivalence.assert_accuracies_agree(float(acc), float(single["accuracy"]), logits, RTOL)
   # The two members disagree, so the test can tell a mean from either member.
   assert not np.allclose(probs[0], probs[1])
 
@@ -77,9 +92,17 @@ def test_ensemble_of_runs_members_are_the_runs_saved_round_models(tmp_path_facto
   run = saved_runs.load_run(imp_dir)
   out = ensembles.evaluate_ensemble_of_runs([imp_dir, swamp_dir], 1, run.dataset, run.model)
   saved = [results.read_results(w)[1].test_accuracy for w in (imp_dir, swamp_dir)]
-  np.testing.assert_allclose(out["member_accuracies"], saved, atol=1e-6)
+  # The ensemble's program and the run's evaluate the same models: equal up to near-ties.
+  logits = [
+    compute_test_logits(w, workdir_lib.load_round_model(w, 1)["params"])
+    for w in (imp_dir, swamp_dir)
+  ]
+  for accuracy, expected, member_logits in zip(
+    out["member_accuracies"], saved, logits, strict=True
+  ):
+    equivalence.assert_accuracies_agree(accuracy, expected, member_logits, LENET300_EVAL_RTOL)
   same = ensembles.evaluate_ensemble_of_runs([imp_dir, imp_dir], 1, run.dataset, run.model)
-  assert same["accuracy"] == pytest.approx(saved[0], abs=1e-6)
+  equivalence.assert_accuracies_agree(same["accuracy"], saved[0], logits[0], LENET300_EVAL_RTOL)
   assert same["member_accuracies"] == [same["member_accuracies"][0]] * 2
 
 

@@ -22,8 +22,10 @@ from .conftest import REPO
 
 
 def _env(num_devices):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+  env = dict(os.environ)
+  # Keep the caller's other XLA flags (e.g. --xla_cpu_max_isa=AVX2 to test another ISA).
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={num_devices}"])
   env["JAX_PLATFORMS"] = "cpu"
   return env
 
