@@ -1,7 +1,8 @@
-"""One training chunk of ResNet-20 (BatchNorm) on a mesh, or on one device (for test_mesh.py).
+"""One training chunk of ResNet-20 (BatchNorm) on one device and on a mesh (for test_mesh.py).
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/bn_step_worker.py OUT PA DA
-(PA = DA = 0: no mesh.)
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/bn_step_worker.py OUT_DIR
+
+writes OUT_DIR/none.npz (no mesh) and OUT_DIR/mesh.npz (2 particles x 2 data devices).
 """
 
 import sys
@@ -43,4 +44,5 @@ def main(out, particle_axis, data_axis, num_steps=2):
 
 
 if __name__ == "__main__":
-  main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+  for name, axes in (("none", (0, 0)), ("mesh", (2, 2))):
+    main(f"{sys.argv[1]}/{name}.npz", *axes)

@@ -4,9 +4,29 @@ The suite runs on one CPU device; tests of meshes start subprocesses with
 fake CPU devices (XLA_FLAGS must be set before JAX starts).
 """
 
+import os
 import pathlib
+import shutil
+import tempfile
 
 import pytest
+
+# One persistent XLA compilation cache per test session, shared with the subprocesses that
+# tests start: a killed run and its resumption, a sweep run three times, the processes of a
+# mesh test compile the same programs again. A fresh directory every session, so nothing
+# outlives it; set before JAX is imported (its config reads the environment then). A cached
+# executable is the one the compiler made, so no result changes.
+_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="swamp_jax_xla_")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_sessionfinish(session, exitstatus):
+  if _XLA_CACHE is not None:
+    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_TFDS = REPO.parent / "shared" / "data" / "tensorflow_datasets"

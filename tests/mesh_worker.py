@@ -37,7 +37,7 @@ def make_config(model="lenet5", num_particles=4, particle_axis=0, data_axis=0):
 
 
 def record_reference(config, workdir, rounds) -> dict:
-  """What the equivalence checks of test_mesh.py need from the reference run.
+  """What the equivalence checks of test_mesh.py need from the reference run (one device).
 
   ``pruned_from``: the averaged weights of the second-to-last round, from
   which the final mask was pruned (near-ties of the threshold may flip);
@@ -82,7 +82,6 @@ def main():
   parser.add_argument("--num_processes", type=int, default=None)
   parser.add_argument("--process_id", type=int, default=None)
   parser.add_argument("--workdir", default=None)
-  parser.add_argument("--reference", action="store_true", help="record what tolerances need")
   args = parser.parse_args()
 
   from swamp_jax import distributed
@@ -94,8 +93,7 @@ def main():
   import swamp_jax
 
   c = make_config(args.model, args.num_particles, args.particle_axis, args.data_axis)
-  workdir = args.workdir or (args.out + ".work" if args.reference else None)
-  out = swamp_jax.run(c, workdir)
+  out = swamp_jax.run(c, args.workdir)
   flat = {}
   for name, tree in (("params", out.params), ("mask", out.mask), ("bs", out.batch_stats)):
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
@@ -104,8 +102,6 @@ def main():
   flat["particle_accuracy"] = np.asarray([r.particle_test_accuracy for r in out.rounds])
   flat["devices"] = np.asarray(len(jax.devices()))
   flat["mesh"] = np.asarray(json.dumps(dict(swamp_jax.run_setup.create_placement(c).mesh.shape)))
-  if args.reference:
-    flat.update(record_reference(c, workdir, out.rounds))
   if jax.process_index() == 0:
     np.savez(args.out, **flat)
   return 0

@@ -100,9 +100,8 @@ def _run_then_remove_final(config, workdir):
 
 def test_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tiny_config, tmp_path):
   tiny_config.checkpoint.every_steps = 5
-  reference = swamp_jax.run(tiny_config, str(tmp_path / "reference"))
   work = tmp_path / "work"
-  _run_then_remove_final(tiny_config, work)
+  reference = _run_then_remove_final(tiny_config, work)  # what the uninterrupted run returned
   steps = sorted(_checkpoint_steps(work))
   assert len(steps) >= 2
   newest = work / checkpointing.CHECKPOINT_DIR / str(steps[-1]) / "state"
@@ -135,9 +134,8 @@ def test_checkpoint_of_different_math_is_refused_naming_the_fields(tiny_config, 
 
 
 def test_changing_fields_that_do_not_change_the_math_is_allowed(tiny_config, tmp_path):
-  reference = swamp_jax.run(tiny_config, str(tmp_path / "reference"))
   work = tmp_path / "work"
-  _run_then_remove_final(tiny_config, work)
+  reference = _run_then_remove_final(tiny_config, work)
   tiny_config.eval_batch_size = 100
   tiny_config.checkpoint.keep = 5
   resumed = swamp_jax.run(tiny_config, str(work))

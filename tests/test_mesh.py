@@ -53,7 +53,7 @@ RUN_RTOL = equivalence.training_rtol(RUN_STEPS, 64 * 8 * 8, depth=2 * LENET5_LAY
 
 
 def _leaves(npz, prefix):
-  return {k[len(prefix) :]: npz[k] for k in npz.files if k.startswith(prefix)}
+  return {k[len(prefix) :]: npz[k] for k in npz if k.startswith(prefix)}
 
 
 def _assert_same_run(a, b, rtol=RUN_RTOL):
@@ -82,26 +82,51 @@ def _assert_same_run(a, b, rtol=RUN_RTOL):
       )
 
 
-def test_mesh_of_4_particles_by_2_data_equals_one_device(tmp_path):
-  sharded = _worker(tmp_path / "mesh.npz", 8, "--particle_axis=4", "--data_axis=2")
-  single = _worker(tmp_path / "one.npz", 8, "--particle_axis=1", "--data_axis=1", "--reference")
-  assert str(sharded["mesh"]) == '{"particle": 4, "data": 2}'
-  assert str(single["mesh"]) == '{"particle": 1, "data": 1}'
-  _assert_same_run(sharded, single)
+def _reference(tmp_path, **config):
+  """mesh_worker's run in this process, on one device (the suite's one CPU device)."""
+  import swamp_jax
+
+  from .mesh_worker import make_config, record_reference
+
+  assert len(jax.devices()) == 1
+  c = make_config(particle_axis=1, data_axis=1, **config)
+  out = swamp_jax.run(c, str(tmp_path))
+  flat = {}
+  for name, tree in (("params", out.params), ("mask", out.mask), ("bs", out.batch_stats)):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+      flat[f"{name}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+  flat["accuracy"] = np.asarray([r.test_accuracy for r in out.rounds])
+  flat["particle_accuracy"] = np.asarray([r.particle_test_accuracy for r in out.rounds])
+  flat.update(record_reference(c, str(tmp_path), out.rounds))
+  return flat
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+  """The 4 x 2 mesh run (8 fake devices) with its workdir, shared by two tests."""
+  tmp = tmp_path_factory.mktemp("sharded")
+  work = tmp / "work"
+  npz = _worker(tmp / "mesh.npz", 8, "--particle_axis=4", "--data_axis=2", f"--workdir={work}")
+  return npz, work
+
+
+def test_mesh_of_4_particles_by_2_data_equals_one_device(sharded_run, tmp_path):
+  sharded, _ = sharded_run
+  assert str(sharded["mesh"]) == '{"particle": 4, "data": 2}' and int(sharded["devices"]) == 8
+  _assert_same_run(sharded, _reference(tmp_path))
 
 
 def test_batchnorm_steps_with_the_batch_split_over_data_equal_one_device(tmp_path):
-  results = {}
-  for name, mesh in (("none", ("0", "0")), ("mesh", ("2", "2"))):
-    proc = subprocess.run(
-      [sys.executable, str(REPO / "tests" / "bn_step_worker.py"), str(tmp_path / name), *mesh],
-      env=_env(4),
-      capture_output=True,
-      text=True,
-      timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results[name] = np.load(tmp_path / f"{name}.npz")
+  # Both in one process with 4 fake devices: without a mesh (device 0), and on a 2 x 2 mesh.
+  proc = subprocess.run(
+    [sys.executable, str(REPO / "tests" / "bn_step_worker.py"), str(tmp_path)],
+    env=_env(4),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  results = {name: np.load(tmp_path / f"{name}.npz") for name in ("none", "mesh")}
   a, b = results["none"], results["mesh"]
   # 2 steps of ResNet-20 (21 convs and a dense layer, 21 BatchNorms: 43 reductions in sequence
   # forward, as many backward) whose batch of 64 images of 8x8 is split over 2 devices: the
@@ -155,24 +180,22 @@ def test_two_processes_give_the_result_of_one(tmp_path):
     assert p.returncode == 0, err[-4000:]
   two = np.load(tmp_path / "mp.npz")
   assert str(two["mesh"]) == '{"particle": 2, "data": 1}' and int(two["devices"]) == 2
-  one = _worker(tmp_path / "one.npz", 1, "--num_particles=2", "--reference")
-  _assert_same_run(two, one)
+  _assert_same_run(two, _reference(tmp_path / "one", num_particles=2))
   # Results written once, not once per process.
   lines = (tmp_path / "work" / "results.jsonl").read_text().splitlines()
   assert len(lines) == 2
 
 
-def test_checkpoint_from_an_8_device_mesh_resumes_on_one_device(tmp_path):
+def test_checkpoint_from_an_8_device_mesh_resumes_on_one_device(sharded_run, tmp_path):
   import shutil
 
   import swamp_jax
 
   from .mesh_worker import make_config
 
+  reference, finished = sharded_run
   work = tmp_path / "work"
-  reference = _worker(
-    tmp_path / "ref.npz", 8, "--particle_axis=4", "--data_axis=2", f"--workdir={work}"
-  )
+  shutil.copytree(finished, work)
   # Lose everything after the last checkpoint of the 8-device run, then resume here.
   shutil.rmtree(work / "final_model")
   with open(work / "results.jsonl") as f:
@@ -184,7 +207,8 @@ def test_checkpoint_from_an_8_device_mesh_resumes_on_one_device(tmp_path):
     f"params{jax.tree_util.keystr(p)}": np.asarray(x)
     for p, x in jax.tree_util.tree_leaves_with_path(resumed.params)
   }
-  # Round 1 (2 epochs) was trained here on one device, the rest on 8 (as in the mesh test).
+  # The steps after the newest checkpoint (in round 1) were trained here on one device, the
+  # rest on 8: within the whole run's tolerance (as in the mesh test).
   scale = equivalence.tree_scale({k: reference[k] for k in flat})
   for key, value in flat.items():
     equivalence.assert_close_normwise(value, reference[key], RUN_RTOL, key, scale)
@@ -230,6 +254,7 @@ def test_a_process_dying_mid_run_stops_the_other_with_a_clear_error_and_resume_w
         "--config.num_particles=2",
         "--config.model.name=lenet300_100",
         "--config.num_rounds=2",
+        "--config.epochs_per_round=2",
         "--config.progress=False",
         "--config.checkpoint.every_steps=5",
       ],
