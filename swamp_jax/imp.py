@@ -21,6 +21,7 @@ from swamp_jax import averaging, batchnorm, evaluation, masking, particles
 
 # Independent PRNG streams, folded into the seed's key.
 INIT_STREAM, PRETRAIN_STREAM, ROUND_STREAM = 0, 1, 2
+PRUNE_STREAM = 3  # the 'random' prune criterion's scores
 
 
 class Ticket(NamedTuple):
@@ -57,6 +58,12 @@ def particle_key(seed: int, round_index: int, particle: int) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(root, round_index), particle)
 
 
+def prune_key(seed: int, round_index: int) -> jax.Array:
+  """The key of the random scores that prune the mask at the end of ``round_index``."""
+  root = jax.random.fold_in(jax.random.PRNGKey(seed), PRUNE_STREAM)
+  return jax.random.fold_in(root, round_index)
+
+
 def pretrain_key(seed: int) -> jax.Array:
   return jax.random.fold_in(jax.random.PRNGKey(seed), PRETRAIN_STREAM)
 
@@ -74,6 +81,7 @@ class RoundSettings:
   bn_batch_size: int
   bn_num_batches: int
   eval_batch_size: int
+  pruning_rule: masking.PruningRule = masking.PruningRule()
 
 
 def _evaluate(model, params, batch_stats, images, labels, mean, std, batch_size):
@@ -86,6 +94,7 @@ def finish_round(
   mask,
   data: particles.DeviceData,
   eval_data: EvalData,
+  prune_key: jax.Array | None = None,
   *,
   model,
   prunable,
@@ -94,6 +103,7 @@ def finish_round(
 ) -> RoundOutput:
   """Average the particles' solutions, fix BN, evaluate, prune from the average.
 
+  ``prune_key`` (``prune_key(seed, round)``) feeds a random prune criterion.
   Outputs other than the per-particle ones are replicated over the mesh.
   """
   n = states.key.shape[0]
@@ -139,7 +149,9 @@ def finish_round(
       # particles' mean running statistics instead of recomputed ones.
       for name, value in evaluate(avg_params, running_bs).items():
         metrics[f"average_running_bn/{split}_{name}"] = value
-  next_mask = masking.compute_mask(avg_params, mask, prunable, settings.prune_fraction)
+  next_mask = masking.compute_mask(
+    avg_params, mask, prunable, settings.prune_fraction, settings.pruning_rule, key=prune_key
+  )
   out = RoundOutput(avg_params, avg_bs, next_mask, metrics, solutions, particle_bs)
   if placement is not None:
     replicated = (out.params, out.batch_stats, out.next_mask, out.metrics)
