@@ -2,6 +2,7 @@
 
 import fractions
 import math
+import os
 
 import flax.linen as nn
 import jax
@@ -9,7 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from swamp_jax import imp, masking
+import swamp_jax
+from swamp_jax import config as config_lib
+from swamp_jax import imp, masking, runner
+
+from .conftest import create_tiny_config
 
 
 def _params(seed=0):
@@ -91,6 +96,8 @@ def test_realized_mask_removes_exactly_the_count(rows, p):
 def test_fraction_with_a_large_denominator_is_refused_naming_the_field(p):
   with pytest.raises(ValueError, match="prune_fraction .* denominator"):
     masking.as_fraction(p)
+  with pytest.raises(ValueError, match="prune_fraction"):
+    config_lib.validate_config(create_tiny_config(prune_fraction=p))
 
 
 # --- Scope. ---
@@ -207,6 +214,14 @@ def test_bad_rule_settings_are_refused_naming_the_field():
     masking.PruningRule(scope="per_layer")
   with pytest.raises(ValueError, match="prune criterion"):
     masking.PruningRule(criterion="gradient")
+  for field, value in [
+    ("prune_scope", "per_layer"),
+    ("prune_criterion", "gradient"),
+    ("prune_leaves", ()),
+    ("prune_leaves", ("kernel", "")),
+  ]:
+    with pytest.raises(ValueError, match=field):
+      config_lib.validate_config(create_tiny_config(**{field: value}))
 
 
 # --- Which leaves are prunable. ---
@@ -260,3 +275,63 @@ def test_attention_embed_and_any_rank_conv_kernels_are_prunable_when_configured(
   leaves = zip(jax.tree_util.tree_leaves(p), flags, strict=True)
   total = sum(w.size for w, q in leaves if q)
   assert total - int(masking.count_prunable(glob, prunable)[0]) == _exact_round(0.2, total)
+
+
+# --- Through run(). ---
+
+
+def test_run_with_negated_magnitude_score_prunes_the_largest_weights(tmp_path):
+  config = create_tiny_config(num_rounds=1, epochs_per_round=1, rewind_epochs=0, num_particles=1)
+  config.prune_scope = "layerwise"
+  out = swamp_jax.run(config, str(tmp_path), prune_score=_negated_magnitude)
+  params0 = swamp_jax.load_round_model(str(tmp_path), 0)["params"]
+  mask1 = swamp_jax.load_round_model(str(tmp_path), 1)["mask"]
+  prunable = masking.compute_prunable(params0)
+  for w, m, q in zip(
+    *(jax.tree_util.tree_leaves(t) for t in (params0, mask1, prunable)), strict=True
+  ):
+    w, m = np.abs(np.asarray(w)), np.asarray(m)
+    if not q:
+      assert m.all()
+      continue
+    assert int((~m).sum()) == _exact_round(0.2, m.size)
+    assert w[~m].min() >= w[m].max()  # each layer lost its largest weights
+  leaves = zip(jax.tree_util.tree_leaves(mask1), jax.tree_util.tree_leaves(prunable), strict=True)
+  expected = sum(m.size - _exact_round(0.2, m.size) for m, q in leaves if q)
+  assert out.rounds[1].remaining == expected
+
+
+def test_run_refuses_a_bad_score_function_before_training_and_writes_nothing(tmp_path, monkeypatch):
+  def no_training(*args, **kwargs):
+    raise AssertionError("training started")
+
+  monkeypatch.setattr(runner, "train_phase", no_training)
+  bad = lambda params, prunable: {"fc1": params["fc1"]}
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match="prune_score.*structure"):
+    swamp_jax.run(create_tiny_config(), str(workdir), prune_score=bad)
+  assert not workdir.exists()
+  # Not even with overwrite: an earlier run's files are left alone.
+  workdir.mkdir()
+  (workdir / "results.jsonl").write_text("earlier\n")
+  with pytest.raises(ValueError, match="prune_score"):
+    swamp_jax.run(create_tiny_config(overwrite=True), str(workdir), prune_score=bad)
+  assert os.listdir(workdir) == ["results.jsonl"]
+  assert (workdir / "results.jsonl").read_text() == "earlier\n"
+
+
+def test_run_with_random_criterion_prunes_with_the_seeds_prune_key():
+  config = create_tiny_config(num_rounds=1, epochs_per_round=1, rewind_epochs=0, num_particles=1)
+  config.prune_criterion = "random"
+  out = swamp_jax.run(config)
+  # Random scores ignore the weights: round 0's mask (dense) and key give round 1's mask.
+  prunable = masking.compute_prunable(out.params)
+  rule = masking.PruningRule(criterion="random")
+  dense = masking.create_dense_mask(out.params)
+  expected = masking.compute_mask(
+    out.params, dense, prunable, 0.2, rule, key=imp.prune_key(config.seed, 0)
+  )
+  for a, b in zip(
+    jax.tree_util.tree_leaves(out.mask), jax.tree_util.tree_leaves(expected), strict=True
+  ):
+    np.testing.assert_array_equal(a, b)
