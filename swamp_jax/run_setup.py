@@ -193,8 +193,8 @@ def create_setup(config, optimizer=None, prune_score=None) -> RunSetup:
   params, batch_stats = placement.replicate((variables["params"], variables.get("batch_stats", {})))
   prunable = masking.compute_prunable(params, config.prune_exclude, config.prune_leaves)
   pruning_rule = masking.PruningRule(config.prune_scope, config.prune_criterion, prune_score)
-  if prune_score is not None:
-    masking.check_score_fn(prune_score, params, prunable)
+  if prune_score is not None:  # on this process's own copy: replicated arrays may span hosts
+    masking.check_score_fn(prune_score, variables["params"], prunable)
   settings = imp.RoundSettings(
     prune_fraction=config.prune_fraction,
     bn_recompute=config.bn_recompute.enabled,
