@@ -16,6 +16,7 @@ from swamp_jax.flatness import compute_hessian_trace, compute_round_hessian_trac
 from swamp_jax.lottery_pools import compute_lottery_pool, compute_lottery_pool_of_run
 from swamp_jax.mask_quality import retrain_on_mask, retrain_on_saved_mask
 from swamp_jax.masking import (
+  PruningRule,
   apply_mask,
   compute_mask,
   compute_prunable,
@@ -33,6 +34,7 @@ from swamp_jax.workdir import load_final_model, load_round_model
 __all__ = [
   "Dataset",
   "MaskedState",
+  "PruningRule",
   "RoundResult",
   "SWAState",
   "SwampResult",

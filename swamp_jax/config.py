@@ -15,7 +15,7 @@ import math
 import ml_collections
 from ml_collections import config_dict
 
-from swamp_jax import optimizers
+from swamp_jax import masking, optimizers
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -41,6 +41,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.prune_fraction = 0.2  # of the surviving prunable weights, per round
   c.num_rounds = 10  # prunes; trains num_rounds + 1 times (round 0 is dense)
   c.prune_exclude = ()  # regexes over param paths kept dense (e.g. 'Conv_0')
+  c.prune_leaves = ("kernel",)  # prunable leaf names; add 'embedding' for nn.Embed tables
+  c.prune_scope = "global"  # 'global': one threshold over all; 'layerwise': same fraction per leaf
+  c.prune_criterion = "magnitude"  # 'magnitude' (|w|) or 'random' (lottery-ticket baseline)
 
   c.rewind_epochs = 1  # T0: dense training before the ticket is taken
   c.epochs_per_round = 10  # T - T0: each round trains the ticket this long
@@ -148,6 +151,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(
     0.0 < config.prune_fraction < 1.0,
     f"prune_fraction must be in (0, 1), got {config.prune_fraction!r}",
+  )
+  masking.as_fraction(config.prune_fraction)  # its message names prune_fraction
+  _require(
+    config.prune_scope in masking.SCOPES,
+    f"prune_scope must be one of {masking.SCOPES}, got {config.prune_scope!r}",
+  )
+  _require(
+    config.prune_criterion in masking.CRITERIA,
+    f"prune_criterion must be one of {masking.CRITERIA}, got {config.prune_criterion!r}",
+  )
+  leaves = config.prune_leaves
+  _require(
+    isinstance(leaves, tuple | list)
+    and len(leaves) > 0
+    and all(isinstance(n, str) and n for n in leaves),
+    f"prune_leaves must be a non-empty tuple of leaf names (e.g. ('kernel', 'embedding')), "
+    f"got {leaves!r}",
   )
   _require(config.num_rounds >= 0, f"num_rounds must be >= 0, got {config.num_rounds!r}")
   _require(

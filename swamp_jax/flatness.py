@@ -190,7 +190,8 @@ def compute_round_hessian_trace(
     take = lambda tree: jax.tree_util.tree_map(lambda x: x[particle], tree)  # noqa: E731
     params, batch_stats = take(saved["particle_params"]), take(saved["particle_batch_stats"])
   if prunable_only:
-    prunable = masking.compute_prunable(params, tuple(run.config.prune_exclude))
+    config = run.config
+    prunable = masking.compute_prunable(params, config.prune_exclude, config.prune_leaves)
     mask = jax.tree_util.tree_map(lambda m, p: np.logical_and(m, p), mask, prunable)
   images, labels = create_training_batches(
     run.dataset.train_images,

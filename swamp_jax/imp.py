@@ -21,6 +21,7 @@ from swamp_jax import averaging, batchnorm, evaluation, masking, particles
 
 # Independent PRNG streams, folded into the seed's key.
 INIT_STREAM, PRETRAIN_STREAM, ROUND_STREAM = 0, 1, 2
+PRUNE_STREAM = 3  # the 'random' prune criterion's scores
 
 
 class Ticket(NamedTuple):
@@ -57,6 +58,12 @@ def particle_key(seed: int, round_index: int, particle: int) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(root, round_index), particle)
 
 
+def prune_key(seed: int, round_index: int) -> jax.Array:
+  """The key of the random scores that prune the mask at the end of ``round_index``."""
+  root = jax.random.fold_in(jax.random.PRNGKey(seed), PRUNE_STREAM)
+  return jax.random.fold_in(root, round_index)
+
+
 def pretrain_key(seed: int) -> jax.Array:
   return jax.random.fold_in(jax.random.PRNGKey(seed), PRETRAIN_STREAM)
 
@@ -83,6 +90,7 @@ class RoundSettings:
   eval_batch_size: int
   swa_snapshots: int = 0  # weights each particle's SWA mean averages (0: SWA off)
   bn_recompute_unaveraged: bool = False
+  pruning_rule: masking.PruningRule = masking.PruningRule()
 
   def recomputes(self, num_averaged: int) -> bool:
     """Whether BN statistics of a solution averaging ``num_averaged`` weights are recomputed."""
@@ -99,6 +107,7 @@ def finish_round(
   mask,
   data: particles.DeviceData,
   eval_data: EvalData,
+  prune_key: jax.Array | None = None,
   *,
   model,
   prunable,
@@ -112,7 +121,8 @@ def finish_round(
   (``RoundSettings.recomputes``). With BatchNorm and ``bn_recompute`` the
   average is also reported both ways (``average_running_bn/*``,
   ``average_recomputed_bn/*``), and ``bn/average_recomputed`` says which one
-  the headline is. Outputs other than the per-particle ones are replicated
+  the headline is. ``prune_key`` (``prune_key(seed, round)``) feeds a random
+  prune criterion. Outputs other than the per-particle ones are replicated
   over the mesh.
   """
   n = states.key.shape[0]
@@ -169,7 +179,9 @@ def finish_round(
       for kind, values in both.items():
         for name, value in values.items():
           metrics[f"average_{kind}_bn/{split}_{name}"] = value
-  next_mask = masking.compute_mask(avg_params, mask, prunable, settings.prune_fraction)
+  next_mask = masking.compute_mask(
+    avg_params, mask, prunable, settings.prune_fraction, settings.pruning_rule, key=prune_key
+  )
   out = RoundOutput(avg_params, avg_bs, next_mask, metrics, solutions, particle_bs)
   if placement is not None:
     replicated = (out.params, out.batch_stats, out.next_mask, out.metrics)

@@ -144,9 +144,14 @@ def load_data(config, placement: distributed.Placement):
   return dataset, train, eval_data, num_train
 
 
-def create_setup(config, optimizer=None) -> RunSetup:
+def create_setup(config, optimizer=None, prune_score=None) -> RunSetup:
   """Everything a run derives from its config before training: mesh, data on it,
-  model, schedule, optimizer and the jitted round programs."""
+  model, schedule, optimizer and the jitted round programs.
+
+  ``prune_score`` (``(params, prunable) -> scores``, higher keeps) replaces
+  ``config.prune_criterion``; it is checked on the initial params here
+  (``masking.check_score_fn``), before any training.
+  """
   config_lib.validate_config(config)
   factory = resolve_optimizer(config, optimizer)
   placement = create_placement(config)
@@ -186,7 +191,10 @@ def create_setup(config, optimizer=None) -> RunSetup:
     imp.init_key(config.seed), jnp.zeros((1, *dataset.image_shape), jnp.float32), train=False
   )
   params, batch_stats = placement.replicate((variables["params"], variables.get("batch_stats", {})))
-  prunable = masking.compute_prunable(params, config.prune_exclude)
+  prunable = masking.compute_prunable(params, config.prune_exclude, config.prune_leaves)
+  pruning_rule = masking.PruningRule(config.prune_scope, config.prune_criterion, prune_score)
+  if prune_score is not None:  # on this process's own copy: replicated arrays may span hosts
+    masking.check_score_fn(prune_score, variables["params"], prunable)
   settings = imp.RoundSettings(
     prune_fraction=config.prune_fraction,
     bn_recompute=config.bn_recompute.enabled,
@@ -195,6 +203,7 @@ def create_setup(config, optimizer=None) -> RunSetup:
     eval_batch_size=config.eval_batch_size,
     swa_snapshots=config_lib.count_swa_snapshots(config),
     bn_recompute_unaveraged=config.bn_recompute.unaveraged,
+    pruning_rule=pruning_rule,
   )
   # The ticket is trained with the schedule of SWA-free IMP, whatever the SWA settings, so
   # IMP and SWAMP runs of one seed share their ticket and comparisons between them are paired.

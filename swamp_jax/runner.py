@@ -154,7 +154,8 @@ def _train(setup: run_setup.RunSetup, point: checkpointing.ResumePoint, manager,
   while phase <= config.num_rounds:
     t0 = time.time()
     states = run_phase(phase, step, states, setup.end_step)
-    out = setup.rounds.finish(states, mask, setup.train_data, setup.eval_data)
+    prune_key = imp.prune_key(config.seed, phase)
+    out = setup.rounds.finish(states, mask, setup.train_data, setup.eval_data, prune_key)
     remaining, total = masking.count_prunable(mask, setup.prunable)
     result = results_lib.RoundResult.from_metrics(
       phase,
@@ -197,6 +198,8 @@ def run(
   config: ml_collections.ConfigDict,
   workdir: str | None = None,
   optimizer: optimizers.OptimizerFactory | optax.GradientTransformation | None = None,
+  *,
+  prune_score=None,
 ) -> results_lib.SwampResult:
   """Runs SWAMP as configured and returns its per-round results and final model.
 
@@ -218,13 +221,22 @@ def run(
       gets SWAMP's learning-rate schedule, resumed at the rewind step each
       round) or a fixed ``optax.GradientTransformation``. It is wrapped with
       ``optimizers.masked``; None builds ``config.optimizer``.
+    prune_score: your own pruning rule, ``prune_score(params, prunable) ->
+      scores``: a pytree with the structure of params whose prunable leaves
+      are float arrays of the params' shapes (higher keeps; other leaves are
+      ignored, None is fine). It replaces ``config.prune_criterion`` and goes
+      through the same exact-count selection (``config.prune_scope``). It is
+      checked on the initial params before anything is written to
+      ``workdir``. It is not part of the config: resuming a run needs the
+      same function passed again.
 
   Returns:
     A ``SwampResult``.
 
   Raises:
-    ValueError: a config field is unknown or out of range, or the model or
-      dataset name is unknown.
+    ValueError: a config field is unknown or out of range, the model or
+      dataset name is unknown, or ``prune_score``'s scores do not fit the
+      params (the leaf is named).
     FileExistsError: ``workdir`` holds a finished run and not ``overwrite``.
     checkpointing.IncompatibleCheckpointError: ``workdir`` holds checkpoints
       of a run with different math (the fields are named).
@@ -235,6 +247,8 @@ def run(
   run_setup.resolve_optimizer(config, optimizer)  # a bad optimizer fails before any I/O
   models.create_model(config.model.name, 10)  # so do unknown model names
   primary = jax.process_index() == 0  # writes the files that are not checkpoints
+  # Before the workdir is touched: a bad prune_score fails here (and overwrite removes nothing).
+  setup = run_setup.create_setup(config, optimizer, prune_score)
   if workdir is not None:
     workdir = os.path.abspath(workdir)
     workdir_lib.prepare_workdir(workdir, config.overwrite, primary)
@@ -242,7 +256,6 @@ def run(
       from jax.experimental import multihost_utils
 
       multihost_utils.sync_global_devices("swamp_jax: workdir prepared")
-  setup = run_setup.create_setup(config, optimizer)
   manager = None
   if workdir is not None:
     manager = checkpointing.create_manager(workdir, config.checkpoint.keep)
