@@ -16,14 +16,20 @@ import pytest
 # mesh test compile the same programs again. A fresh directory every session, so nothing
 # outlives it; set before JAX is imported (its config reads the environment then). A cached
 # executable is the one the compiler made, so no result changes.
+# Processes that compile one program at once (two launches on one workdir, the processes of
+# a multi-process run, pytest-xdist workers) read and write the cache concurrently: a size
+# limit turns on JAX's file lock around its reads and writes, so none reads a half-written
+# entry.
 _XLA_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="swamp_jax_xla_")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 
 def pytest_sessionfinish(session, exitstatus):
+  # The process that made the cache removes it (pytest-xdist's workers inherit its path).
   if _XLA_CACHE is not None:
     shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 

@@ -110,6 +110,7 @@ def sharded_run(tmp_path_factory):
   return npz, work
 
 
+@pytest.mark.xdist_group("sharded_run")  # one worker computes the shared 8-device run
 def test_mesh_of_4_particles_by_2_data_equals_one_device(sharded_run, tmp_path):
   sharded, _ = sharded_run
   assert str(sharded["mesh"]) == '{"particle": 4, "data": 2}' and int(sharded["devices"]) == 8
@@ -186,6 +187,7 @@ def test_two_processes_give_the_result_of_one(tmp_path):
   assert len(lines) == 2
 
 
+@pytest.mark.xdist_group("sharded_run")
 def test_checkpoint_from_an_8_device_mesh_resumes_on_one_device(sharded_run, tmp_path):
   import shutil
 
