@@ -101,9 +101,10 @@ def _reference(tmp_path, **config):
   return flat
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sharded_run(tmp_path_factory):
-  """The 4 x 2 mesh run (8 fake devices) with its workdir, shared by two tests."""
+  """The 4 x 2 mesh run (8 fake devices) with its workdir, shared by two tests (session
+  scope: a pytest-xdist worker may run another module's tests between them)."""
   tmp = tmp_path_factory.mktemp("sharded")
   work = tmp / "work"
   npz = _worker(tmp / "mesh.npz", 8, "--particle_axis=4", "--data_axis=2", f"--workdir={work}")
