@@ -15,7 +15,7 @@ import numpy as np
 
 
 def make_config(model="lenet5", num_particles=4, particle_axis=0, data_axis=0):
-  """The small run every mesh test compares (2 rounds on digits)."""
+  """The small run every mesh test compares (2 rounds of 1 epoch on digits)."""
   import swamp_jax
 
   c = swamp_jax.get_default_config()
@@ -23,7 +23,7 @@ def make_config(model="lenet5", num_particles=4, particle_axis=0, data_axis=0):
   c.num_particles = num_particles
   c.num_rounds = 1
   c.rewind_epochs = 1
-  c.epochs_per_round = 2
+  c.epochs_per_round = 1
   c.batch_size = 64
   c.optimizer.learning_rate = 0.05
   c.swa.learning_rate = 0.01

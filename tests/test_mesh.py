@@ -43,8 +43,8 @@ def _worker(out, num_devices, *args, timeout=600):
 
 
 # The run of mesh_worker.make_config(): LeNet-5 on digits (1,437 training images, batches of
-# 64: 22 steps an epoch), 1 epoch to the rewind point and 2 rounds of 2 epochs.
-RUN_STEPS = 22 * (1 + 2 * 2)
+# 64: 22 steps an epoch), 1 epoch to the rewind point and 2 rounds of 1 epoch.
+RUN_STEPS = 22 * (1 + 2 * 1)
 # A mesh, or another process count, splits each batch's sums (the weight gradients' sums over
 # 64 images x 8x8 positions = 4,096 terms) and may block the layers' matmuls differently:
 # 5 layers, forward and backward.
