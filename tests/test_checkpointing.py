@@ -163,3 +163,36 @@ def test_progress_step_is_monotone_over_the_run():
     ids += [checkpointing.progress_step(r, s, 10, 40) for s in range(10, 40)]
   assert ids == sorted(ids) and len(set(ids)) == len(ids)
   assert os.path.basename(checkpointing.CHECKPOINT_DIR) == "checkpoints"
+
+
+def _flip_bytes_in_the_middle(path: pathlib.Path, count: int = 16) -> None:
+  data = bytearray(path.read_bytes())
+  middle = len(data) // 2
+  for i in range(middle, middle + count):
+    data[i] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+def test_bit_flip_inside_the_newest_checkpoint_is_caught_by_its_digests(
+  tiny_config, tmp_path, caplog
+):
+  tiny_config.num_rounds = 1
+  tiny_config.checkpoint.every_steps = 5
+  reference = swamp_jax.run(tiny_config, str(tmp_path / "reference"))
+  work = tmp_path / "work"
+  _run_then_remove_final(tiny_config, work)
+  steps = sorted(_checkpoint_steps(work))
+  newest = work / checkpointing.CHECKPOINT_DIR / str(steps[-1]) / "state"
+  largest = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  _flip_bytes_in_the_middle(largest)
+  with caplog.at_level("WARNING"):
+    resumed = swamp_jax.run(tiny_config, str(work))
+  assert "digest mismatch" in caplog.text
+  for a, b in zip(
+    jax.tree_util.tree_leaves(reference.params),
+    jax.tree_util.tree_leaves(resumed.params),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(a, b)
+  aside = work / (checkpointing.CHECKPOINT_DIR + checkpointing.QUARANTINE_SUFFIX)
+  assert [p.name.split("-")[0] for p in aside.iterdir()] == [str(steps[-1])]
