@@ -175,7 +175,7 @@ def _train(setup: run_setup.RunSetup, point: checkpointing.ResumePoint, manager,
         workdir, phase, out, mask, config.save_particles
       )  # every process
       if jax.process_index() == 0:
-        results_lib.append_result(workdir, result)
+        results_lib.write_results(workdir, rounds)
     final = (out.params, out.batch_stats, mask)
     mask, phase, step = out.next_mask, phase + 1, setup.rewind_step
     if phase <= config.num_rounds:
@@ -266,6 +266,8 @@ def run(
     if workdir is not None and primary:
       with open(os.path.join(workdir, workdir_lib.CONFIG_FILE), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    if workdir is not None:
+      workdir_lib.restore_files(workdir, point, primary)
     rounds, final = _train(setup, point, manager, workdir, progress)
   finally:
     progress.close()

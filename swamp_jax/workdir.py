@@ -8,8 +8,11 @@ and particle solutions, for the analyses) and ``final_model/``.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+
+import jax
 
 from swamp_jax import checkpointing, imp
 from swamp_jax import results as results_lib
@@ -59,6 +62,38 @@ def prepare_workdir(workdir: str, overwrite: bool, primary: bool = True) -> None
     )
 
 
+def restore_files(workdir: str, point: checkpointing.ResumePoint, primary: bool = True) -> None:
+  """Rewrites what a resumed run can derive from its checkpoint; names what it cannot.
+
+  ``results.jsonl`` is rewritten from the checkpoint's finished rounds (a
+  torn, cut or deleted file is repaired) by the primary process; a missing
+  ``ticket/`` is saved again (by every process: orbax saves are collective).
+  Past rounds' models are not in the checkpoint: missing ones are named in a
+  warning (the analyses that need them fail naming them too).
+  """
+  if primary:
+    path = os.path.join(workdir, results_lib.RESULTS_FILE)
+    if point.results:
+      results_lib.write_results(workdir, [results_lib.RoundResult(**d) for d in point.results])
+    elif os.path.exists(path):
+      os.remove(path)  # no round finished yet: anything there is a torn first line
+  ticket_dir = os.path.join(workdir, TICKET_DIR)
+  if point.phase != checkpointing.PRETRAIN_PHASE and not os.path.isdir(ticket_dir):
+    logging.warning("%s was missing; rewriting it from the checkpoint", ticket_dir)
+    save_tree(ticket_dir, point.ticket._asdict())
+  missing = [
+    d["round"] for d in point.results if not os.path.isdir(round_model_path(workdir, d["round"]))
+  ]
+  if missing and primary:
+    logging.warning(
+      "the saved models of finished rounds %s are missing from %s: they are not in the "
+      "checkpoints and cannot be rewritten; analyses of these rounds will fail (rerun with "
+      "--config.overwrite=True, or in a new workdir, to get them back)",
+      missing,
+      os.path.join(workdir, ROUND_MODELS_DIR),
+    )
+
+
 def round_model_path(workdir: str, round_index: int) -> str:
   return os.path.join(workdir, ROUND_MODELS_DIR, f"round_{round_index:03d}")
 
@@ -80,8 +115,21 @@ def save_round_model(
 
 
 def load_round_model(workdir: str, round_index: int) -> dict:
-  """Restores what ``save_round_model`` wrote for ``round_index``."""
-  return load_final_model(round_model_path(workdir, round_index))
+  """Restores what ``save_round_model`` wrote for ``round_index``, on this process's devices.
+
+  Raises:
+    FileNotFoundError: the round's model is not there (naming the rounds that are).
+  """
+  path = round_model_path(workdir, round_index)
+  if not os.path.isdir(path):
+    parent = os.path.join(workdir, ROUND_MODELS_DIR)
+    saved = sorted(os.listdir(parent)) if os.path.isdir(parent) else []
+    raise FileNotFoundError(
+      f"the model of round {round_index} is not in {parent!r} (saved: {saved or 'none'}); "
+      "a round's model is written when the round ends, is not kept in the checkpoints, and "
+      "cannot be rebuilt once deleted (rerun the run in a new workdir to get it)"
+    )
+  return load_tree(path)
 
 
 def save_tree(path: str, tree) -> None:
@@ -96,9 +144,27 @@ def save_final_model(path: str, params, batch_stats, mask) -> None:
   save_tree(path, {"params": params, "batch_stats": batch_stats, "mask": mask})
 
 
-def load_final_model(path: str) -> dict:
-  """Restores ``{'params', 'batch_stats', 'mask'}`` saved by ``run``."""
+def load_tree(path: str) -> dict:
+  """Restores a tree saved by ``save_tree`` onto this process's first device.
+
+  The target is built from the saved shapes and dtypes, so a tree saved from
+  arrays sharded over any number of devices loads on one (orbax alone refuses
+  a topology it did not save from).
+  """
   import orbax.checkpoint as ocp
 
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path!r} does not exist (or is not a directory)")
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(os.path.abspath(path))
+    saved = checkpointer.metadata(path).item_metadata
+    target = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), saved
+    )
+    return checkpointer.restore(path, target)
+
+
+def load_final_model(path: str) -> dict:
+  """Restores ``{'params', 'batch_stats', 'mask'}`` saved by ``run``, on any device count."""
+  return load_tree(path)

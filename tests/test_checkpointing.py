@@ -196,3 +196,47 @@ def test_bit_flip_inside_the_newest_checkpoint_is_caught_by_its_digests(
     np.testing.assert_array_equal(a, b)
   aside = work / (checkpointing.CHECKPOINT_DIR + checkpointing.QUARANTINE_SUFFIX)
   assert [p.name.split("-")[0] for p in aside.iterdir()] == [str(steps[-1])]
+
+
+def _tear_last_line(path: pathlib.Path) -> None:
+  with path.open("a") as f:
+    f.write('{"round": 1, "sparsity": 0.2, "remaining": 12')  # a crash mid-write
+
+
+def _cut_to_200_bytes(path: pathlib.Path) -> None:
+  path.write_bytes(path.read_bytes()[:200])
+
+
+@pytest.mark.parametrize("damage", [_tear_last_line, _cut_to_200_bytes, pathlib.Path.unlink])
+def test_torn_or_lost_files_are_rewritten_from_the_checkpoint(
+  tiny_config, tmp_path, caplog, damage
+):
+  tiny_config.num_rounds = 1
+  work = tmp_path / "work"
+  _run_then_remove_final(tiny_config, work)
+  reference = _round_lines(work)
+  ticket = swamp_jax.load_final_model(str(work / "ticket"))
+  damage(work / results.RESULTS_FILE)
+  import shutil
+
+  shutil.rmtree(work / "ticket")
+  shutil.rmtree(work / "round_models" / "round_000")
+  with caplog.at_level("WARNING"):
+    swamp_jax.run(tiny_config, str(work))
+  assert _round_lines(work) == reference  # every round once, with the same numbers
+  assert "ticket" in caplog.text and "rewriting it" in caplog.text
+  for a, b in zip(
+    jax.tree_util.tree_leaves(ticket),
+    jax.tree_util.tree_leaves(swamp_jax.load_final_model(str(work / "ticket"))),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(a, b)
+  assert "models of finished rounds [0] are missing" in caplog.text
+  with pytest.raises(FileNotFoundError, match=r"round 0 is not in .*round_001.*cannot be rebuilt"):
+    swamp_jax.load_round_model(str(work), 0)
+
+
+def test_a_torn_results_file_is_named_with_its_line_when_read(tmp_path):
+  (tmp_path / results.RESULTS_FILE).write_text('{"round": 0, "spars')
+  with pytest.raises(ValueError, match=r"results.jsonl, line 1, is not a round's result"):
+    results.read_results(str(tmp_path))
