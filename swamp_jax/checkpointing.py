@@ -183,7 +183,10 @@ def restore_latest(manager, config, abstract_state: Callable[[int], Any]) -> Res
     if diffs:
       raise IncompatibleCheckpointError(
         f"checkpoint {step_id} in {manager.directory} was written by a run with different "
-        "settings: " + "; ".join(diffs) + ". Use the original config, or another workdir."
+        "settings: "
+        + "; ".join(diffs)
+        + ". Use the original config to resume it, another workdir, or overwrite=True "
+        "(--config.overwrite=True) to replace it."
       )
     try:
       target = abstract_state(meta["phase"])

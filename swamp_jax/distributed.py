@@ -78,6 +78,8 @@ def create_mesh(
   devices = list(jax.devices() if devices is None else devices)
   d = len(devices)
   valid = valid_particle_axis_sizes(num_particles, d)
+  if data_axis > d:
+    raise ValueError(f"mesh.data_axis={data_axis} exceeds the {d} devices present")
   if particle_axis == 0:
     particle_axis = max(p for p in valid if data_axis == 0 or p * data_axis <= d)
   if num_particles % particle_axis:

@@ -225,23 +225,61 @@ def run(
   Raises:
     ValueError: a config field is unknown or out of range, or the model or
       dataset name is unknown.
-    FileExistsError: ``workdir`` holds a finished run and not ``overwrite``.
+    FileExistsError: ``workdir`` holds a finished run and not ``overwrite``,
+      or is a file.
+    workdir.WorkdirInUseError: another process is running in ``workdir``.
     checkpointing.IncompatibleCheckpointError: ``workdir`` holds checkpoints
       of a run with different math (the fields are named).
     FloatingPointError: a particle's loss became NaN or inf (after the last
       good checkpoint is on disk).
   """
+  # Everything that can be checked is checked before anything is written.
   config_lib.validate_config(config)
-  run_setup.resolve_optimizer(config, optimizer)  # a bad optimizer fails before any I/O
-  models.create_model(config.model.name, 10)  # so do unknown model names
+  run_setup.resolve_optimizer(config, optimizer)
+  models.create_model(config.model.name, 10)  # unknown model names
+  run_setup.check_config_inputs(config)  # the dataset and its splits, the mesh on these devices
   primary = jax.process_index() == 0  # writes the files that are not checkpoints
-  if workdir is not None:
-    workdir = os.path.abspath(workdir)
+  if workdir is None:
+    return _run(config, None, optimizer, primary)
+  workdir = os.path.abspath(workdir)
+  workdir_lib.check_workdir_path(workdir)
+  created = not os.path.exists(workdir)
+  # One lock per workdir, taken by the primary process (on a filesystem shared by all).
+  lock = workdir_lib.lock_workdir(workdir) if primary else None
+  try:
     workdir_lib.prepare_workdir(workdir, config.overwrite, primary)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
       multihost_utils.sync_global_devices("swamp_jax: workdir prepared")
+    outcome = _run(config, workdir, optimizer, primary)
+  except FloatingPointError as e:
+    if primary:
+      workdir_lib.record_divergence(workdir, str(e))
+    raise
+  except checkpointing.IncompatibleCheckpointError as e:
+    diverged = workdir_lib.read_divergence(workdir)
+    if diverged is None:
+      raise
+    raise checkpointing.IncompatibleCheckpointError(
+      f"the run in {workdir!r} stopped because it diverged ({diverged}), and its checkpoints "
+      "cannot be resumed with other settings: rerun in a new workdir, or with overwrite=True "
+      f"(--config.overwrite=True) to replace it. Details: {e}"
+    ) from e
+  except BaseException:
+    if created and primary:
+      workdir_lib.remove_if_unused(workdir)  # an error before the first checkpoint
+    raise
+  finally:
+    if lock is not None:
+      lock.close()
+  if primary and workdir_lib.read_divergence(workdir) is not None:
+    os.remove(os.path.join(workdir, workdir_lib.DIVERGED_FILE))  # this attempt finished
+  return outcome
+
+
+def _run(config, workdir, optimizer, primary) -> results_lib.SwampResult:
+  """``run`` once its inputs are checked and ``workdir`` (if any) is locked and prepared."""
   setup = run_setup.create_setup(config, optimizer)
   manager = None
   if workdir is not None:

@@ -3,14 +3,19 @@
 Layout: ``results.jsonl`` (one line per round), ``config.json``,
 ``accuracy_vs_sparsity.png``, ``checkpoints/`` (orbax, for resuming),
 ``ticket/``, ``round_models/round_XXX/`` (each round's averaged model, mask
-and particle solutions, for the analyses) and ``final_model/``.
+and particle solutions, for the analyses) and ``final_model/``; ``.lock``
+(held while a run uses the directory) and ``diverged.txt`` (why the last
+attempt stopped, while it stands).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
+import socket
+import time
 
 import jax
 
@@ -21,6 +26,73 @@ FINAL_MODEL_DIR = "final_model"
 ROUND_MODELS_DIR = "round_models"
 TICKET_DIR = "ticket"
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"
+DIVERGED_FILE = "diverged.txt"
+
+
+class WorkdirInUseError(RuntimeError):
+  """Another process is running in this workdir."""
+
+
+def check_workdir_path(workdir: str) -> None:
+  """Raises FileExistsError if ``workdir`` exists and is not a directory."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise FileExistsError(f"workdir {workdir!r} is a file, not a directory; choose another workdir")
+
+
+def lock_workdir(workdir: str):
+  """Creates ``workdir`` and takes its lock for as long as the returned file is open.
+
+  The lock is ``flock`` on ``workdir/.lock``: the kernel releases it when the
+  process ends, however it ends (a SIGKILLed run leaves no stale lock). It
+  holds on a local filesystem (and NFS with working locks); object stores
+  have no locks, so there two launches are not prevented.
+
+  Raises:
+    WorkdirInUseError: another process holds it (named in the message).
+  """
+  os.makedirs(workdir, exist_ok=True)
+  f = open(os.path.join(workdir, LOCK_FILE), "a+")  # noqa: SIM115 - held past this function
+  try:
+    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    f.seek(0)
+    holder = f.read().strip() or "another process"
+    f.close()
+    raise WorkdirInUseError(
+      f"workdir {workdir!r} is in use by {holder}; wait for that run to end (or stop it), "
+      "or choose another workdir"
+    ) from None
+  f.seek(0)
+  f.truncate()
+  f.write(
+    f"process {os.getpid()} on {socket.gethostname()} "
+    f"(since {time.strftime('%Y-%m-%d %H:%M:%S')})\n"
+  )
+  f.flush()
+  return f
+
+
+def remove_if_unused(workdir: str) -> None:
+  """Removes a workdir that a failed run created and left without a checkpoint."""
+  checkpoints = os.path.join(workdir, checkpointing.CHECKPOINT_DIR)
+  if os.path.isdir(checkpoints) and any(p.isdigit() for p in os.listdir(checkpoints)):
+    return
+  shutil.rmtree(workdir, ignore_errors=True)
+
+
+def record_divergence(workdir: str, message: str) -> None:
+  with open(os.path.join(workdir, DIVERGED_FILE), "w") as f:
+    f.write(message + "\n")
+
+
+def read_divergence(workdir: str) -> str | None:
+  """Why the last attempt in ``workdir`` diverged, or None if it did not."""
+  path = os.path.join(workdir, DIVERGED_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return f.read().strip()
 
 
 def prepare_workdir(workdir: str, overwrite: bool, primary: bool = True) -> None:
@@ -38,6 +110,7 @@ def prepare_workdir(workdir: str, overwrite: bool, primary: bool = True) -> None
     checkpointing.CHECKPOINT_DIR + checkpointing.QUARANTINE_SUFFIX,
     results_lib.RESULTS_FILE,
     CONFIG_FILE,
+    DIVERGED_FILE,
     results_lib.PLOT_FILE,
   ]
   if overwrite:
