@@ -240,3 +240,79 @@ def test_a_torn_results_file_is_named_with_its_line_when_read(tmp_path):
   (tmp_path / results.RESULTS_FILE).write_text('{"round": 0, "spars')
   with pytest.raises(ValueError, match=r"results.jsonl, line 1, is not a round's result"):
     results.read_results(str(tmp_path))
+
+
+def test_a_locked_workdir_is_refused_at_once_naming_the_holder(tiny_config, tmp_path):
+  from swamp_jax import workdir as workdir_lib
+
+  lock = workdir_lib.lock_workdir(str(tmp_path))  # as a run in another process holds it
+  with pytest.raises(workdir_lib.WorkdirInUseError, match=f"in use by process {os.getpid()} "):
+    swamp_jax.run(tiny_config, str(tmp_path))
+  assert sorted(p.name for p in tmp_path.iterdir()) == [workdir_lib.LOCK_FILE]
+  lock.close()
+  workdir_lib.lock_workdir(str(tmp_path)).close()  # free again once the holder is gone
+
+
+def test_second_launch_is_refused_and_ctrl_c_ends_with_one_line_that_says_how_to_resume(tmp_path):
+  work = tmp_path / "work"
+  long_run = ["--config.epochs_per_round=1000", "--config.checkpoint.every_steps=20"]
+  first = subprocess.Popen(
+    [sys.executable, "-m", "swamp_jax", "--config", "configs/digits.py", f"--workdir={work}"]
+    + CLI_OVERRIDES
+    + long_run,
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  deadline = time.time() + 240
+  while time.time() < deadline and max(_checkpoint_steps(work), default=-1) < 40:
+    assert first.poll() is None, first.stderr.read()
+    time.sleep(0.05)
+  second = subprocess.run(
+    [sys.executable, "-m", "swamp_jax", "--config", "configs/digits.py", f"--workdir={work}"]
+    + CLI_OVERRIDES
+    + long_run,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert second.returncode == 1
+  assert second.stderr.strip().splitlines()[-1] == (
+    f"swamp_jax: error: workdir {str(work)!r} is in use by process {first.pid} on "
+    + (work / ".lock").read_text().split(" on ", 1)[1].strip()
+    + "; wait for that run to end (or stop it), or choose another workdir"
+  )
+  assert first.poll() is None  # the first run goes on
+  first.send_signal(signal.SIGINT)
+  assert first.wait(timeout=120) == 130
+  err = first.stderr.read()
+  assert "Traceback" not in err and "failed" not in err.lower(), err[-3000:]
+  assert err.strip().splitlines()[-1] == (
+    "swamp_jax: error: interrupted; run the same command to resume from the last checkpoint"
+  )
+  from swamp_jax import workdir as workdir_lib
+
+  workdir_lib.lock_workdir(str(work)).close()  # released
+
+
+def test_a_diverged_run_says_how_to_rerun_it_with_other_settings(tiny_config, tmp_path):
+  tiny_config.rewind_epochs = 0
+  tiny_config.num_rounds = 0
+  tiny_config.epochs_per_round = 1
+  tiny_config.optimizer.learning_rate = 1e8
+  tiny_config.swa.learning_rate = 1e8
+  with pytest.raises(FloatingPointError, match="diverged"):
+    swamp_jax.run(tiny_config, str(tmp_path))
+  tiny_config.optimizer.learning_rate = 0.05
+  tiny_config.swa.learning_rate = 0.01
+  with pytest.raises(
+    checkpointing.IncompatibleCheckpointError,
+    match=r"stopped because it diverged \(training diverged: loss .* round 0.*\).*new workdir, "
+    r"or with overwrite=True \(--config.overwrite=True\).*optimizer.learning_rate: 100000000.0",
+  ):
+    swamp_jax.run(tiny_config, str(tmp_path))
+  tiny_config.overwrite = True
+  assert swamp_jax.run(tiny_config, str(tmp_path)).final.test_accuracy > 0.5
+  assert not (tmp_path / "diverged.txt").exists()
