@@ -189,7 +189,8 @@ def _raise_diverged(losses: np.ndarray, phase: int, start_step: int):
   where = "the dense training to the rewind point" if phase < 0 else f"round {phase}"
   raise FloatingPointError(
     f"training diverged: loss {losses[step, particle]} in {where} at step "
-    f"{start_step + int(step)}, particle {int(particle)}; the last good checkpoint is kept"
+    f"{start_step + int(step)}, particle {int(particle)}; the last good checkpoint is kept "
+    "(to try other settings, use a new workdir or overwrite=True)"
   )
 
 
@@ -253,6 +254,8 @@ def run(
 
       multihost_utils.sync_global_devices("swamp_jax: workdir prepared")
     outcome = _run(config, workdir, optimizer, primary)
+    if primary and workdir_lib.read_divergence(workdir) is not None:
+      os.remove(os.path.join(workdir, workdir_lib.DIVERGED_FILE))  # this attempt finished
   except FloatingPointError as e:
     if primary:
       workdir_lib.record_divergence(workdir, str(e))
@@ -273,8 +276,6 @@ def run(
   finally:
     if lock is not None:
       lock.close()
-  if primary and workdir_lib.read_divergence(workdir) is not None:
-    os.remove(os.path.join(workdir, workdir_lib.DIVERGED_FILE))  # this attempt finished
   return outcome
 
 

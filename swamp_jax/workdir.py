@@ -45,8 +45,8 @@ def lock_workdir(workdir: str):
 
   The lock is ``flock`` on ``workdir/.lock``: the kernel releases it when the
   process ends, however it ends (a SIGKILLed run leaves no stale lock). It
-  holds on a local filesystem (and NFS with working locks); object stores
-  have no locks, so there two launches are not prevented.
+  holds on a local filesystem (and NFS with working locks); on an object
+  store mounted as a filesystem it covers only one machine's processes.
 
   Raises:
     WorkdirInUseError: another process holds it (named in the message).
