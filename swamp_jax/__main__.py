@@ -15,6 +15,7 @@ Ctrl-C (the run resumes with the same command). ``--verbose`` or
 """
 
 import difflib
+import logging as std_logging
 import os
 import re
 import sys
@@ -110,10 +111,20 @@ def main(argv):
     _fail(_one_line(e), 1)
 
 
+class _DropInterrupts(std_logging.Filter):
+  """Drops logged tracebacks of Ctrl-C (orbax logs one when interrupted while waiting
+  for a save); ``main`` says it in one line."""
+
+  def filter(self, record):
+    return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+
+
 def _main():
   if not flags.FLAGS["verbosity"].present:
     # orbax logs every save at INFO; keep the terminal to the progress bar and results.
     logging.set_verbosity(logging.WARNING)
+  if not _show_traceback(sys.argv):
+    std_logging.getLogger("absl").addFilter(_DropInterrupts())
   from swamp_jax import distributed
 
   if _DISTRIBUTED.value or _COORDINATOR.value:

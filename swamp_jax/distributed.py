@@ -78,10 +78,14 @@ def create_mesh(
   devices = list(jax.devices() if devices is None else devices)
   d = len(devices)
   valid = valid_particle_axis_sizes(num_particles, d)
-  if data_axis > d:
-    raise ValueError(f"mesh.data_axis={data_axis} exceeds the {d} devices present")
   if particle_axis == 0:
-    particle_axis = max(p for p in valid if data_axis == 0 or p * data_axis <= d)
+    fitting = [p for p in valid if data_axis == 0 or p * data_axis <= d]
+    if not fitting:
+      raise ValueError(
+        f"a mesh with mesh.data_axis={data_axis} needs at least {data_axis} devices, "
+        f"but {d} are present"
+      )
+    particle_axis = max(fitting)
   if num_particles % particle_axis:
     raise ValueError(
       f"num_particles={num_particles} is not a multiple of mesh.particle_axis={particle_axis}; "

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -50,6 +53,31 @@ class _Progress:
   def close(self):
     if self.bar is not None:
       self.bar.close()
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+  """Holds Ctrl-C back until the block ends, then raises KeyboardInterrupt.
+
+  Orbax saves in threads of its own; an interrupt inside a save or a wait
+  for one leaves it half-started and its threads failing at exit. Around
+  those calls Ctrl-C is delivered once they return, so a run stops cleanly
+  between saves (and resumes from the last one).
+  """
+  if (
+    threading.current_thread() is not threading.main_thread()
+    or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+  ):
+    yield
+    return
+  received = []
+  signal.signal(signal.SIGINT, lambda *_: received.append(True))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  if received:
+    raise KeyboardInterrupt
 
 
 def train_phase(
@@ -120,7 +148,8 @@ def _train(setup: run_setup.RunSetup, point: checkpointing.ResumePoint, manager,
     if manager is not None:
       results = [dataclasses.asdict(r) for r in rounds]
       point = checkpointing.ResumePoint(phase, step, ticket, mask, states, results)
-      checkpointing.save(manager, point, config, setup.rewind_step, setup.end_step)
+      with _interrupts_deferred():
+        checkpointing.save(manager, point, config, setup.rewind_step, setup.end_step)
 
   def run_phase(phase, step, states, end):
     first = 0 if phase < 0 else setup.rewind_step
@@ -139,13 +168,15 @@ def _train(setup: run_setup.RunSetup, point: checkpointing.ResumePoint, manager,
       return train_phase(setup, phase, states, mask, step, end, after_chunk)
     except FloatingPointError:
       if manager is not None:
-        manager.wait_until_finished()  # the last good checkpoint is safe before we stop
+        with _interrupts_deferred():
+          manager.wait_until_finished()  # the last good checkpoint is safe before we stop
       raise
 
   if phase == checkpointing.PRETRAIN_PHASE:
     ticket = compute_ticket(setup, run_phase(phase, step, states, setup.rewind_step))
     if workdir is not None:
-      workdir_lib.save_tree(os.path.join(workdir, workdir_lib.TICKET_DIR), ticket._asdict())
+      with _interrupts_deferred():
+        workdir_lib.save_tree(os.path.join(workdir, workdir_lib.TICKET_DIR), ticket._asdict())
     phase, step = 0, setup.rewind_step
     states = setup.start(phase, ticket, mask)
     checkpoint(phase, step, states)
@@ -171,9 +202,10 @@ def _train(setup: run_setup.RunSetup, point: checkpointing.ResumePoint, manager,
       + " ".join(f"{100 * a:.2f}" for a in result.particle_test_accuracy)
     )
     if workdir is not None:
-      workdir_lib.save_round_model(
-        workdir, phase, out, mask, config.save_particles
-      )  # every process
+      with _interrupts_deferred():
+        workdir_lib.save_round_model(
+          workdir, phase, out, mask, config.save_particles
+        )  # every process
       if jax.process_index() == 0:
         results_lib.write_results(workdir, rounds)
     final = (out.params, out.batch_stats, mask)
@@ -298,7 +330,8 @@ def _run(config, workdir, optimizer, primary) -> results_lib.SwampResult:
     if point is None:
       point = run_setup.create_initial_point(setup)
       if manager is not None:  # a good state on disk before anything can diverge
-        checkpointing.save(manager, point, config, setup.rewind_step, setup.end_step)
+        with _interrupts_deferred():
+          checkpointing.save(manager, point, config, setup.rewind_step, setup.end_step)
     else:
       done = checkpointing.progress_step(point.phase, point.step, setup.rewind_step, setup.end_step)
       progress.update(done / setup.spe, resumed=f"round {point.phase} step {point.step}")
@@ -306,13 +339,15 @@ def _run(config, workdir, optimizer, primary) -> results_lib.SwampResult:
       with open(os.path.join(workdir, workdir_lib.CONFIG_FILE), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     if workdir is not None:
-      workdir_lib.restore_files(workdir, point, primary)
+      with _interrupts_deferred():
+        workdir_lib.restore_files(workdir, point, primary)
     rounds, final = _train(setup, point, manager, workdir, progress)
   finally:
     progress.close()
     if manager is not None:
-      manager.wait_until_finished()
-      manager.close()
+      with _interrupts_deferred():
+        manager.wait_until_finished()
+        manager.close()
 
   params, batch_stats, mask = distributed.to_host(final)
   outcome = results_lib.SwampResult(rounds, params, batch_stats, mask, workdir)
@@ -325,7 +360,8 @@ def _run(config, workdir, optimizer, primary) -> results_lib.SwampResult:
       f"{config.model.name} on {config.dataset.name}, N={config.num_particles}",
     )
   if workdir is not None:
-    workdir_lib.save_final_model(
-      os.path.join(workdir, workdir_lib.FINAL_MODEL_DIR), params, batch_stats, mask
-    )
+    with _interrupts_deferred():
+      workdir_lib.save_final_model(
+        os.path.join(workdir, workdir_lib.FINAL_MODEL_DIR), params, batch_stats, mask
+      )
   return outcome

@@ -255,7 +255,10 @@ def test_a_locked_workdir_is_refused_at_once_naming_the_holder(tiny_config, tmp_
 
 def test_second_launch_is_refused_and_ctrl_c_ends_with_one_line_that_says_how_to_resume(tmp_path):
   work = tmp_path / "work"
-  long_run = ["--config.epochs_per_round=1000", "--config.checkpoint.every_steps=20"]
+  long_run = [
+    "--config.epochs_per_round=1000",
+    "--config.checkpoint.every_steps=1",
+  ]  # saves all along
   first = subprocess.Popen(
     [sys.executable, "-m", "swamp_jax", "--config", "configs/digits.py", f"--workdir={work}"]
     + CLI_OVERRIDES

@@ -181,7 +181,7 @@ BAD_INPUTS = [
   ("dataset.train_size", 10**6, ValueError, "train_size"),
   ("num_particles", True, ValueError, "num_particles' must be an integer, got True"),
   ("model.bn_momentum", 2.0, ValueError, r"bn_momentum must be in \[0, 1\)"),
-  ("mesh.data_axis", 3, ValueError, "data_axis=3 exceeds the 1 devices"),
+  ("mesh.data_axis", 3, ValueError, "data_axis=3 needs at least 3 devices, but 1 are"),
 ]
 
 
