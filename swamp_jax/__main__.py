@@ -41,7 +41,7 @@ _VERBOSE = flags.DEFINE_bool("verbose", False, "On an error, show the Python tra
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors whose message says it all; other types are named in the one line too.
-_CLEAR_ERRORS = (ValueError, OSError, RuntimeError, ArithmeticError, TypeError, flags.Error)
+_CLEAR_ERRORS = (ValueError, OSError, RuntimeError, ArithmeticError, flags.Error)
 
 
 def _show_traceback(argv) -> bool:
@@ -85,8 +85,6 @@ def _check_command_line(argv) -> None:
 
 
 def _parse_flags(argv):
-  if len(argv) > 1 and argv[1] in ("--help", "--helpshort", "--helpfull", "-h"):
-    return flags.FLAGS(argv)
   _check_command_line(argv)
   try:
     return flags.FLAGS(argv)
@@ -98,7 +96,7 @@ def _parse_flags(argv):
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _fail(f"unexpected arguments {argv[1:]} (fields are set as --config.field=value)", 2)
   try:
     _main()
   except KeyboardInterrupt:

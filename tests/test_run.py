@@ -373,6 +373,7 @@ def test_cli_errors_are_one_line_naming_the_cause(tmp_path):
     ),
     (["--config", "config.py", f"--workdir={tmp_path}/a"], 2, "config file 'config.py' does not"),
     ([*digits, f"--workdir={tmp_path}/file"], 1, "is a file, not a directory"),
+    ([*digits, f"--workdir={tmp_path}/a", "extra"], 2, "unexpected arguments ['extra']"),
     ([*digits, f"--workdir={tmp_path}/a", "--config.model.bn_momentum=2.0"], 1, "bn_momentum"),
   ]
   for args, status, message in cases:
