@@ -8,8 +8,11 @@ results so far. Everything else a step needs is a pure function of these, so
 a resumed run replays exactly the computation an uninterrupted one does.
 
 Orbax writes each checkpoint into a temporary directory and renames it when
-complete, so a checkpoint half-written by a kill is never seen. A checkpoint
-that fails to restore (corrupted) is skipped for the previous one; one from a
+complete, so a checkpoint half-written by a kill is never seen. Every array's
+digest (``integrity``) is written with it and checked after restoring, so
+damage inside a data file that still decodes is caught too. A checkpoint
+that fails to restore, or to match its digests, is moved aside and the
+previous one used; one from a
 run whose math differs (model, num_particles, prune_fraction, ...) is refused
 with an error naming the fields, and left where it is.
 """
@@ -25,7 +28,8 @@ from typing import Any, NamedTuple
 
 import jax
 import ml_collections
-import numpy as np
+
+from swamp_jax import integrity
 
 CHECKPOINT_DIR = "checkpoints"
 QUARANTINE_SUFFIX = "-unrestorable"
@@ -126,12 +130,14 @@ def save(manager, point: ResumePoint, config, rewind_step: int, end_step: int) -
 
   state = {"ticket": point.ticket, "mask": point.mask, "particles": point.particles}
   state = jax.tree_util.tree_map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
+  digests, _ = integrity.compute_digests(state)
   meta = {
     "format": FORMAT_VERSION,
     "phase": point.phase,
     "step": point.step,
     "results": point.results,
     "config": math_config(config),
+    "digests": digests,
   }
   step_id = progress_step(point.phase, point.step, rewind_step, end_step)
   manager.save(
@@ -177,14 +183,17 @@ def restore_latest(manager, config, abstract_state: Callable[[int], Any]) -> Res
     if diffs:
       raise IncompatibleCheckpointError(
         f"checkpoint {step_id} in {manager.directory} was written by a run with different "
-        "settings: " + "; ".join(diffs) + ". Use the original config, or another workdir."
+        "settings: "
+        + "; ".join(diffs)
+        + ". Use the original config to resume it, another workdir, or overwrite=True "
+        "(--config.overwrite=True) to replace it."
       )
     try:
       target = abstract_state(meta["phase"])
       state = manager.restore(
         step_id, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
       )["state"]
-      _check_finite(state, step_id)
+      _check_integrity(state, meta.get("digests"), step_id)
     except Exception as e:  # noqa: BLE001
       failures.append(f"{step_id}: {type(e).__name__}: {e}")
       bad_steps.append(step_id)
@@ -221,8 +230,21 @@ def _quarantine(manager, steps) -> None:
   manager.reload()
 
 
-def _check_finite(state, step_id) -> None:
-  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-    arr = np.asarray(leaf)
-    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
-      raise ValueError(f"non-finite values in {jax.tree_util.keystr(path)} of checkpoint {step_id}")
+def _check_integrity(state, saved_digests: dict | None, step_id) -> None:
+  """Raises ValueError if a restored array differs from what was saved, or is not finite.
+
+  Reads only the shards each process holds (``integrity.compute_digests``), so
+  it works for arrays spanning several processes.
+  """
+  digests, non_finite = integrity.compute_digests(state)
+  if saved_digests is None:
+    logging.warning("checkpoint %s has no digests (an older version wrote it)", step_id)
+  else:
+    changed = integrity.compare_digests(saved_digests, digests)
+    if changed:
+      raise ValueError(
+        f"checkpoint {step_id} is damaged: {len(changed)} arrays differ from what was saved "
+        f"(digest mismatch in {', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''})"
+      )
+  if non_finite:
+    raise ValueError(f"non-finite values in {non_finite[0]} of checkpoint {step_id}")

@@ -119,17 +119,46 @@ def get_paper_config(dataset: str, model: str) -> ml_collections.ConfigDict:
   return c
 
 
+def _type_error(name: str, value, default) -> str | None:
+  """Why ``value`` cannot stand where ``default`` is, or None if it can."""
+  if default is None or value is None:
+    return None  # placeholders (e.g. dataset.data_dir) are checked where used
+  if isinstance(default, bool):
+    ok, kind = isinstance(value, bool), "True or False"
+  elif isinstance(default, int):
+    ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+  elif isinstance(default, float):
+    ok, kind = isinstance(value, int | float) and not isinstance(value, bool), "a number"
+  elif isinstance(default, str):
+    ok, kind = isinstance(value, str), "a string"
+  elif isinstance(default, tuple):
+    ok, kind = isinstance(value, tuple | list), "a tuple"
+  else:
+    return None
+  return None if ok else f"config field {name!r} must be {kind}, got {value!r}"
+
+
 def _check_fields(config, defaults, prefix=""):
   for key in config:
     if key not in defaults:
       close = difflib.get_close_matches(key, list(defaults.keys()), n=1)
-      hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
-      raise ValueError(f"unknown config field {prefix}{key!r}{hint}")
+      hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+      raise ValueError(f"unknown config field {prefix + key!r}{hint}")
     value, default = config[key], defaults[key]
     if isinstance(default, ml_collections.ConfigDict):
       if not isinstance(value, ml_collections.ConfigDict):
-        raise ValueError(f"config field {prefix}{key!r} must be a group of fields")
+        raise ValueError(f"config field {prefix + key!r} must be a group of fields")
       _check_fields(value, default, f"{prefix}{key}.")
+    else:
+      problem = _type_error(prefix + key, value, default)
+      _require(problem is None, problem)
+  for key in defaults:
+    if key not in config:
+      kind = "group" if isinstance(defaults[key], ml_collections.ConfigDict) else "field"
+      raise ValueError(
+        f"the config lacks the {kind} {prefix + key!r}; build configs from "
+        "swamp_jax.get_default_config() and change its fields"
+      )
 
 
 def _require(ok: bool, message: str):
@@ -147,6 +176,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(
     isinstance(config.num_particles, int) and config.num_particles >= 1,
     f"num_particles must be an integer >= 1, got {config.num_particles!r}",
+  )
+  _require(
+    0.0 <= config.model.bn_momentum < 1.0,
+    f"model.bn_momentum must be in [0, 1), got {config.model.bn_momentum!r}",
   )
   _require(
     0.0 < config.prune_fraction < 1.0,

@@ -81,23 +81,35 @@ def _read_tfds_split(name: str, split: str, data_dir: str | None):
   return np.concatenate(images), np.concatenate(labels)
 
 
-def _load_tfds(name: str, data_dir: str | None, cache_dir: str | None, train_rows=None):
+def _tfds_builder(name: str, data_dir: str | None):
+  """The TFDS builder of an image-classification dataset, or a ValueError naming ``name``."""
   import tensorflow_datasets as tfds
 
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # TFDS raises its own DatasetNotFoundError subclasses.
-    raise ValueError(f"unknown dataset {name!r}: not 'digits' and not a TFDS dataset ({e})") from e
+    first_line = str(e).splitlines()[0] if str(e) else type(e).__name__  # not its 300 names
+    raise ValueError(
+      f"unknown dataset {name!r}: not 'digits' and not a TFDS dataset ({first_line})"
+    ) from e
   features = builder.info.features
   if "image" not in features or "label" not in features:
     raise ValueError(
       f"dataset {name!r} is not an image-classification dataset (features: {list(features)})"
     )
+  return builder
+
+
+def _load_tfds(name: str, data_dir: str | None, cache_dir: str | None, train_rows=None):
+  builder = _tfds_builder(name, data_dir)
+  features = builder.info.features
   num_classes = int(features["label"].num_classes)
+  _check_splits(name, builder)
   cache = None
   if train_rows is not None:  # one process's rows: read just those, no cache
     if not builder.is_prepared():
       builder.download_and_prepare()
+      _check_splits(name, builder)
     x_tr, y_tr = _read_tfds_split(name, f"train[{train_rows[0]}:{train_rows[1]}]", data_dir)
     x_te, y_te = _read_tfds_split(name, "test", data_dir)
     return (x_tr, y_tr), (x_te, y_te), num_classes
@@ -109,6 +121,7 @@ def _load_tfds(name: str, data_dir: str | None, cache_dir: str | None, train_row
         return (z["xtr"], z["ytr"]), (z["xte"], z["yte"]), num_classes
   if not builder.is_prepared():
     builder.download_and_prepare()
+    _check_splits(name, builder)
   x_tr, y_tr = _read_tfds_split(name, "train", data_dir)
   x_te, y_te = _read_tfds_split(name, "test", data_dir)
   if cache:
@@ -119,17 +132,36 @@ def _load_tfds(name: str, data_dir: str | None, cache_dir: str | None, train_row
   return (x_tr, y_tr), (x_te, y_te), num_classes
 
 
+def _check_splits(name: str, builder) -> None:
+  """A prepared dataset must have 'train' and 'test' splits (checked before reading either)."""
+  if not builder.is_prepared():
+    return  # split names are known once prepared
+  splits = list(builder.info.splits)
+  missing = [s for s in ("train", "test") if s not in splits]
+  if missing:
+    raise ValueError(
+      f"dataset {name!r} has no {' or '.join(repr(s) for s in missing)} split (it has "
+      f"{splits}); swamp_jax trains on 'train' and reports on 'test'"
+    )
+
+
+def check_dataset(name: str, data_dir: str | None = None) -> None:
+  """Raises ValueError if ``name`` is not a usable dataset, without reading its examples.
+
+  Unknown names and prepared TFDS datasets lacking a 'train' or 'test' split
+  are caught here (a run checks this before it writes anything).
+  """
+  if name == DIGITS:
+    return
+  builder = _tfds_builder(name, data_dir)
+  _check_splits(name, builder)
+
+
 def count_train_examples(name: str, data_dir: str | None = None) -> int:
   """Size of the training split, without reading it."""
   if name == DIGITS:
     return len(_load_digits()[0][1])
-  import tensorflow_datasets as tfds
-
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except Exception as e:
-    raise ValueError(f"unknown dataset {name!r}: not 'digits' and not a TFDS dataset ({e})") from e
-  return int(builder.info.splits["train"].num_examples)
+  return int(_tfds_builder(name, data_dir).info.splits["train"].num_examples)
 
 
 def load_dataset(

@@ -79,7 +79,13 @@ def create_mesh(
   d = len(devices)
   valid = valid_particle_axis_sizes(num_particles, d)
   if particle_axis == 0:
-    particle_axis = max(p for p in valid if data_axis == 0 or p * data_axis <= d)
+    fitting = [p for p in valid if data_axis == 0 or p * data_axis <= d]
+    if not fitting:
+      raise ValueError(
+        f"a mesh with mesh.data_axis={data_axis} needs at least {data_axis} devices, "
+        f"but {d} are present"
+      )
+    particle_axis = max(fitting)
   if num_particles % particle_axis:
     raise ValueError(
       f"num_particles={num_particles} is not a multiple of mesh.particle_axis={particle_axis}; "

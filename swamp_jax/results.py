@@ -127,26 +127,52 @@ class SwampResult:
     return format_table(self.rounds)
 
 
-def append_result(workdir: str, result: RoundResult) -> None:
-  """Appends one JSON line and flushes it to disk, once per round.
+def write_results(workdir: str, rounds: list[RoundResult]) -> None:
+  """Writes ``results.jsonl`` (one JSON line per round) atomically.
 
-  A run resumed from a checkpoint taken before this round's line was written
-  recomputes the same round; its line is then already there and not repeated.
+  The whole file is written from ``rounds`` (the checkpoint holds every
+  finished round's result) into a temporary file that replaces the old one,
+  so a crash mid-write never leaves a torn line, and a torn or deleted file
+  is simply rewritten on resume.
   """
-  if any(r.round == result.round for r in read_results(workdir)):
-    return
-  with open(os.path.join(workdir, RESULTS_FILE), "a") as f:
-    f.write(result.to_json() + "\n")
+  path = os.path.join(workdir, RESULTS_FILE)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    f.writelines(r.to_json() + "\n" for r in rounds)
     f.flush()
     os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def append_result(workdir: str, result: RoundResult) -> None:
+  """Adds one round to ``results.jsonl`` (atomically) unless it is listed already."""
+  rounds = read_results(workdir)
+  if not any(r.round == result.round for r in rounds):
+    write_results(workdir, [*rounds, result])
 
 
 def read_results(workdir: str) -> list[RoundResult]:
+  """The rounds listed in ``workdir/results.jsonl`` ([] when there is none).
+
+  Raises:
+    ValueError: a line is not a round's JSON (naming the file and line).
+  """
   path = os.path.join(workdir, RESULTS_FILE)
   if not os.path.exists(path):
     return []
+  rounds = []
   with open(path) as f:
-    return [RoundResult.from_json(line) for line in f if line.strip()]
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        rounds.append(RoundResult.from_json(line))
+      except (ValueError, TypeError) as e:
+        raise ValueError(
+          f"{path}, line {number}, is not a round's result ({e}); a run resumed in "
+          f"{workdir!r} rewrites the file from its checkpoint"
+        ) from e
+  return rounds
 
 
 def format_table(rounds: list[RoundResult]) -> str:

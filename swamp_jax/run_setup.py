@@ -73,14 +73,38 @@ class RunSetup:
     return self.programs(phase).start(ticket.params, ticket.batch_stats, mask, self.keys(phase))
 
 
-def create_placement(config) -> distributed.Placement:
+def create_placement(config, warn: bool = True) -> distributed.Placement:
   """The run's mesh: config.mesh sizes (0 = automatic) over all devices of all processes."""
   mesh = distributed.create_mesh(
     config.num_particles, config.mesh.particle_axis, config.mesh.data_axis
   )
   placement = distributed.Placement(mesh)
+  devices, used = jax.device_count(), mesh.devices.size
+  if used < devices:
+    whole = [
+      f"{p} x {devices // p}"
+      for p in distributed.valid_particle_axis_sizes(config.num_particles, devices)
+    ]
+    shape = f"mesh.particle_axis={placement.particle_axis} x mesh.data_axis={placement.data_axis}"
+    if config.batch_size % placement.data_axis:
+      raise ValueError(
+        f"batch_size={config.batch_size} is not divisible by mesh.data_axis="
+        f"{placement.data_axis}, and {shape} would use only {used} of the {devices} devices; "
+        f"meshes that use them all for num_particles={config.num_particles}: {whole}"
+      )
+    if warn:
+      logging.warning(
+        "%s uses %d of the %d devices; meshes that use them all: %s", shape, used, devices, whole
+      )
   distributed.check_batch_size(config.batch_size, placement)
   return placement
+
+
+def check_config_inputs(config) -> None:
+  """Checks what ``config`` names outside itself (dataset, mesh on these devices),
+  without reading data: ``run`` calls it before writing anything."""
+  data_lib.check_dataset(config.dataset.name, config.dataset.data_dir)
+  create_placement(config, warn=False)
 
 
 def load_config_dataset(config, train_rows=None) -> data_lib.Dataset:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -50,6 +53,31 @@ class _Progress:
   def close(self):
     if self.bar is not None:
       self.bar.close()
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+  """Holds Ctrl-C back until the block ends, then raises KeyboardInterrupt.
+
+  Orbax saves in threads of its own; an interrupt inside a save or a wait
+  for one leaves it half-started and its threads failing at exit. Around
+  those calls Ctrl-C is delivered once they return, so a run stops cleanly
+  between saves (and resumes from the last one).
+  """
+  if (
+    threading.current_thread() is not threading.main_thread()
+    or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+  ):
+    yield
+    return
+  received = []
+  signal.signal(signal.SIGINT, lambda *_: received.append(True))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  if received:
+    raise KeyboardInterrupt
 
 
 def train_phase(
@@ -120,7 +148,8 @@ def _train(setup: run_setup.RunSetup, point: checkpointing.ResumePoint, manager,
     if manager is not None:
       results = [dataclasses.asdict(r) for r in rounds]
       point = checkpointing.ResumePoint(phase, step, ticket, mask, states, results)
-      checkpointing.save(manager, point, config, setup.rewind_step, setup.end_step)
+      with _interrupts_deferred():
+        checkpointing.save(manager, point, config, setup.rewind_step, setup.end_step)
 
   def run_phase(phase, step, states, end):
     first = 0 if phase < 0 else setup.rewind_step
@@ -139,13 +168,15 @@ def _train(setup: run_setup.RunSetup, point: checkpointing.ResumePoint, manager,
       return train_phase(setup, phase, states, mask, step, end, after_chunk)
     except FloatingPointError:
       if manager is not None:
-        manager.wait_until_finished()  # the last good checkpoint is safe before we stop
+        with _interrupts_deferred():
+          manager.wait_until_finished()  # the last good checkpoint is safe before we stop
       raise
 
   if phase == checkpointing.PRETRAIN_PHASE:
     ticket = compute_ticket(setup, run_phase(phase, step, states, setup.rewind_step))
     if workdir is not None:
-      workdir_lib.save_tree(os.path.join(workdir, workdir_lib.TICKET_DIR), ticket._asdict())
+      with _interrupts_deferred():
+        workdir_lib.save_tree(os.path.join(workdir, workdir_lib.TICKET_DIR), ticket._asdict())
     phase, step = 0, setup.rewind_step
     states = setup.start(phase, ticket, mask)
     checkpoint(phase, step, states)
@@ -172,11 +203,12 @@ def _train(setup: run_setup.RunSetup, point: checkpointing.ResumePoint, manager,
       + " ".join(f"{100 * a:.2f}" for a in result.particle_test_accuracy)
     )
     if workdir is not None:
-      workdir_lib.save_round_model(
-        workdir, phase, out, mask, config.save_particles
-      )  # every process
+      with _interrupts_deferred():
+        workdir_lib.save_round_model(
+          workdir, phase, out, mask, config.save_particles
+        )  # every process
       if jax.process_index() == 0:
-        results_lib.append_result(workdir, result)
+        results_lib.write_results(workdir, rounds)
     final = (out.params, out.batch_stats, mask)
     mask, phase, step = out.next_mask, phase + 1, setup.rewind_step
     if phase <= config.num_rounds:
@@ -190,7 +222,8 @@ def _raise_diverged(losses: np.ndarray, phase: int, start_step: int):
   where = "the dense training to the rewind point" if phase < 0 else f"round {phase}"
   raise FloatingPointError(
     f"training diverged: loss {losses[step, particle]} in {where} at step "
-    f"{start_step + int(step)}, particle {int(particle)}; the last good checkpoint is kept"
+    f"{start_step + int(step)}, particle {int(particle)}; the last good checkpoint is kept "
+    "(to try other settings, use a new workdir or overwrite=True)"
   )
 
 
@@ -237,25 +270,64 @@ def run(
     ValueError: a config field is unknown or out of range, the model or
       dataset name is unknown, or ``prune_score``'s scores do not fit the
       params (the leaf is named).
-    FileExistsError: ``workdir`` holds a finished run and not ``overwrite``.
+    FileExistsError: ``workdir`` holds a finished run and not ``overwrite``,
+      or is a file.
+    workdir.WorkdirInUseError: another process is running in ``workdir``.
     checkpointing.IncompatibleCheckpointError: ``workdir`` holds checkpoints
       of a run with different math (the fields are named).
     FloatingPointError: a particle's loss became NaN or inf (after the last
       good checkpoint is on disk).
   """
+  # Everything that can be checked is checked before anything is written.
   config_lib.validate_config(config)
-  run_setup.resolve_optimizer(config, optimizer)  # a bad optimizer fails before any I/O
-  models.create_model(config.model.name, 10)  # so do unknown model names
+  run_setup.resolve_optimizer(config, optimizer)
+  models.create_model(config.model.name, 10)  # unknown model names
+  run_setup.check_config_inputs(config)  # the dataset and its splits, the mesh on these devices
   primary = jax.process_index() == 0  # writes the files that are not checkpoints
-  # Before the workdir is touched: a bad prune_score fails here (and overwrite removes nothing).
-  setup = run_setup.create_setup(config, optimizer, prune_score)
-  if workdir is not None:
-    workdir = os.path.abspath(workdir)
+  if workdir is None:
+    return _run(config, None, run_setup.create_setup(config, optimizer, prune_score), primary)
+  workdir = os.path.abspath(workdir)
+  workdir_lib.check_workdir_path(workdir)
+  created = not os.path.exists(workdir)
+  # One lock per workdir, taken by the primary process (on a filesystem shared by all).
+  lock = workdir_lib.lock_workdir(workdir) if primary else None
+  try:
+    # Under the lock (a second launch is refused before it loads anything), but before the
+    # workdir is prepared: a bad prune_score fails here, and overwrite has removed nothing.
+    setup = run_setup.create_setup(config, optimizer, prune_score)
     workdir_lib.prepare_workdir(workdir, config.overwrite, primary)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
 
       multihost_utils.sync_global_devices("swamp_jax: workdir prepared")
+    outcome = _run(config, workdir, setup, primary)
+    if primary and workdir_lib.read_divergence(workdir) is not None:
+      os.remove(os.path.join(workdir, workdir_lib.DIVERGED_FILE))  # this attempt finished
+  except FloatingPointError as e:
+    if primary:
+      workdir_lib.record_divergence(workdir, str(e))
+    raise
+  except checkpointing.IncompatibleCheckpointError as e:
+    diverged = workdir_lib.read_divergence(workdir)
+    if diverged is None:
+      raise
+    raise checkpointing.IncompatibleCheckpointError(
+      f"the run in {workdir!r} stopped because it diverged ({diverged}), and its checkpoints "
+      "cannot be resumed with other settings: rerun in a new workdir, or with overwrite=True "
+      f"(--config.overwrite=True) to replace it. Details: {e}"
+    ) from e
+  except BaseException:
+    if created and primary:
+      workdir_lib.remove_if_unused(workdir)  # an error before the first checkpoint
+    raise
+  finally:
+    if lock is not None:
+      lock.close()
+  return outcome
+
+
+def _run(config, workdir, setup, primary) -> results_lib.SwampResult:
+  """``run`` once its inputs are checked and ``workdir`` (if any) is locked and prepared."""
   manager = None
   if workdir is not None:
     manager = checkpointing.create_manager(workdir, config.checkpoint.keep)
@@ -272,19 +344,24 @@ def run(
     if point is None:
       point = run_setup.create_initial_point(setup)
       if manager is not None:  # a good state on disk before anything can diverge
-        checkpointing.save(manager, point, config, setup.rewind_step, setup.end_step)
+        with _interrupts_deferred():
+          checkpointing.save(manager, point, config, setup.rewind_step, setup.end_step)
     else:
       done = checkpointing.progress_step(point.phase, point.step, setup.rewind_step, setup.end_step)
       progress.update(done / setup.spe, resumed=f"round {point.phase} step {point.step}")
     if workdir is not None and primary:
       with open(os.path.join(workdir, workdir_lib.CONFIG_FILE), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    if workdir is not None:
+      with _interrupts_deferred():
+        workdir_lib.restore_files(workdir, point, primary)
     rounds, final = _train(setup, point, manager, workdir, progress)
   finally:
     progress.close()
     if manager is not None:
-      manager.wait_until_finished()
-      manager.close()
+      with _interrupts_deferred():
+        manager.wait_until_finished()
+        manager.close()
 
   params, batch_stats, mask = distributed.to_host(final)
   outcome = results_lib.SwampResult(rounds, params, batch_stats, mask, workdir)
@@ -297,7 +374,8 @@ def run(
       f"{config.model.name} on {config.dataset.name}, N={config.num_particles}",
     )
   if workdir is not None:
-    workdir_lib.save_final_model(
-      os.path.join(workdir, workdir_lib.FINAL_MODEL_DIR), params, batch_stats, mask
-    )
+    with _interrupts_deferred():
+      workdir_lib.save_final_model(
+        os.path.join(workdir, workdir_lib.FINAL_MODEL_DIR), params, batch_stats, mask
+      )
   return outcome

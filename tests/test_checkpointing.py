@@ -161,3 +161,176 @@ def test_progress_step_is_monotone_over_the_run():
     ids += [checkpointing.progress_step(r, s, 10, 40) for s in range(10, 40)]
   assert ids == sorted(ids) and len(set(ids)) == len(ids)
   assert os.path.basename(checkpointing.CHECKPOINT_DIR) == "checkpoints"
+
+
+def _flip_bytes_that_still_decode(state_dir: pathlib.Path) -> None:
+  """XORs 16 bytes of a data file where orbax still restores, silently, other values.
+
+  Where a flip lands varies (orbax batches writes into files differently run
+  to run): one in compressed data or an index fails to decode, which the
+  fallback already caught before digests. This looks for the silent kind.
+  """
+  from swamp_jax import workdir as workdir_lib
+
+  clean = jax.tree_util.tree_leaves(workdir_lib.load_tree(str(state_dir)))
+  files = [p for p in state_dir.rglob("*") if p.is_file() and p.parent.name == "d"]
+  for path in sorted(files, key=lambda p: -p.stat().st_size):
+    original = path.read_bytes()
+    for k in range(1, 32):
+      at, data = len(original) * k // 32, bytearray(original)
+      data[at : at + 16] = bytes(b ^ 0xFF for b in data[at : at + 16])
+      path.write_bytes(bytes(data))
+      try:
+        leaves = jax.tree_util.tree_leaves(workdir_lib.load_tree(str(state_dir)))
+      except Exception:  # noqa: BLE001 - a flip orbax notices: try another place
+        leaves = clean
+      if any(not np.array_equal(a, b) for a, b in zip(leaves, clean, strict=True)):
+        return
+      path.write_bytes(original)
+  raise AssertionError("no flip that still decodes was found")
+
+
+def test_bit_flip_inside_the_newest_checkpoint_is_caught_by_its_digests(
+  tiny_config, tmp_path, caplog
+):
+  tiny_config.num_rounds = 1
+  tiny_config.checkpoint.every_steps = 5
+  reference = swamp_jax.run(tiny_config, str(tmp_path / "reference"))
+  work = tmp_path / "work"
+  _run_then_remove_final(tiny_config, work)
+  steps = sorted(_checkpoint_steps(work))
+  _flip_bytes_that_still_decode(work / checkpointing.CHECKPOINT_DIR / str(steps[-1]) / "state")
+  with caplog.at_level("WARNING"):
+    resumed = swamp_jax.run(tiny_config, str(work))
+  assert "digest mismatch" in caplog.text
+  for a, b in zip(
+    jax.tree_util.tree_leaves(reference.params),
+    jax.tree_util.tree_leaves(resumed.params),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(a, b)
+  aside = work / (checkpointing.CHECKPOINT_DIR + checkpointing.QUARANTINE_SUFFIX)
+  assert [p.name.split("-")[0] for p in aside.iterdir()] == [str(steps[-1])]
+
+
+def _tear_last_line(path: pathlib.Path) -> None:
+  with path.open("a") as f:
+    f.write('{"round": 1, "sparsity": 0.2, "remaining": 12')  # a crash mid-write
+
+
+def _cut_to_200_bytes(path: pathlib.Path) -> None:
+  path.write_bytes(path.read_bytes()[:200])
+
+
+@pytest.mark.parametrize("damage", [_tear_last_line, _cut_to_200_bytes, pathlib.Path.unlink])
+def test_torn_or_lost_files_are_rewritten_from_the_checkpoint(
+  tiny_config, tmp_path, caplog, damage
+):
+  tiny_config.num_rounds = 1
+  work = tmp_path / "work"
+  _run_then_remove_final(tiny_config, work)
+  reference = _round_lines(work)
+  ticket = swamp_jax.load_final_model(str(work / "ticket"))
+  damage(work / results.RESULTS_FILE)
+  import shutil
+
+  shutil.rmtree(work / "ticket")
+  shutil.rmtree(work / "round_models" / "round_000")
+  with caplog.at_level("WARNING"):
+    swamp_jax.run(tiny_config, str(work))
+  assert _round_lines(work) == reference  # every round once, with the same numbers
+  assert "ticket" in caplog.text and "rewriting it" in caplog.text
+  for a, b in zip(
+    jax.tree_util.tree_leaves(ticket),
+    jax.tree_util.tree_leaves(swamp_jax.load_final_model(str(work / "ticket"))),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(a, b)
+  assert "models of finished rounds [0] are missing" in caplog.text
+  with pytest.raises(FileNotFoundError, match=r"round 0 is not in .*round_001.*cannot be rebuilt"):
+    swamp_jax.load_round_model(str(work), 0)
+
+
+def test_a_torn_results_file_is_named_with_its_line_when_read(tmp_path):
+  (tmp_path / results.RESULTS_FILE).write_text('{"round": 0, "spars')
+  with pytest.raises(ValueError, match=r"results.jsonl, line 1, is not a round's result"):
+    results.read_results(str(tmp_path))
+
+
+def test_a_locked_workdir_is_refused_at_once_naming_the_holder(tiny_config, tmp_path):
+  from swamp_jax import workdir as workdir_lib
+
+  lock = workdir_lib.lock_workdir(str(tmp_path))  # as a run in another process holds it
+  with pytest.raises(workdir_lib.WorkdirInUseError, match=f"in use by process {os.getpid()} "):
+    swamp_jax.run(tiny_config, str(tmp_path))
+  assert sorted(p.name for p in tmp_path.iterdir()) == [workdir_lib.LOCK_FILE]
+  lock.close()
+  workdir_lib.lock_workdir(str(tmp_path)).close()  # free again once the holder is gone
+
+
+def test_second_launch_is_refused_and_ctrl_c_ends_with_one_line_that_says_how_to_resume(tmp_path):
+  work = tmp_path / "work"
+  long_run = [
+    "--config.epochs_per_round=1000",
+    "--config.checkpoint.every_steps=1",
+  ]  # saves all along
+  first = subprocess.Popen(
+    [sys.executable, "-m", "swamp_jax", "--config", "configs/digits.py", f"--workdir={work}"]
+    + CLI_OVERRIDES
+    + long_run,
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  deadline = time.time() + 240
+  while time.time() < deadline and max(_checkpoint_steps(work), default=-1) < 40:
+    assert first.poll() is None, first.stderr.read()
+    time.sleep(0.05)
+  second = subprocess.run(
+    [sys.executable, "-m", "swamp_jax", "--config", "configs/digits.py", f"--workdir={work}"]
+    + CLI_OVERRIDES
+    + long_run,
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert second.returncode == 1
+  assert second.stderr.strip().splitlines()[-1] == (
+    f"swamp_jax: error: workdir {str(work)!r} is in use by process {first.pid} on "
+    + (work / ".lock").read_text().split(" on ", 1)[1].strip()
+    + "; wait for that run to end (or stop it), or choose another workdir"
+  )
+  assert first.poll() is None  # the first run goes on
+  first.send_signal(signal.SIGINT)
+  assert first.wait(timeout=120) == 130
+  err = first.stderr.read()
+  assert "Traceback" not in err and "failed" not in err.lower(), err[-3000:]
+  assert err.strip().splitlines()[-1] == (
+    "swamp_jax: error: interrupted; run the same command to resume from the last checkpoint"
+  )
+  from swamp_jax import workdir as workdir_lib
+
+  workdir_lib.lock_workdir(str(work)).close()  # released
+
+
+def test_a_diverged_run_says_how_to_rerun_it_with_other_settings(tiny_config, tmp_path):
+  tiny_config.rewind_epochs = 0
+  tiny_config.num_rounds = 0
+  tiny_config.epochs_per_round = 1
+  tiny_config.optimizer.learning_rate = 1e8
+  tiny_config.swa.learning_rate = 1e8
+  with pytest.raises(FloatingPointError, match="diverged"):
+    swamp_jax.run(tiny_config, str(tmp_path))
+  tiny_config.optimizer.learning_rate = 0.05
+  tiny_config.swa.learning_rate = 0.01
+  with pytest.raises(
+    checkpointing.IncompatibleCheckpointError,
+    match=r"stopped because it diverged \(training diverged: loss .* round 0.*\).*new workdir, "
+    r"or with overwrite=True \(--config.overwrite=True\).*optimizer.learning_rate: 100000000.0",
+  ):
+    swamp_jax.run(tiny_config, str(tmp_path))
+  tiny_config.overwrite = True
+  assert swamp_jax.run(tiny_config, str(tmp_path)).final.test_accuracy > 0.5
+  assert not (tmp_path / "diverged.txt").exists()

@@ -194,6 +194,9 @@ BAD_INPUTS = [
   ("swa.start", 1.0, ValueError, "no epoch end to average"),
   ("model.conv_impl", "fft", ValueError, "fft"),
   ("dataset.train_size", 10**6, ValueError, "train_size"),
+  ("num_particles", True, ValueError, "num_particles' must be an integer, got True"),
+  ("model.bn_momentum", 2.0, ValueError, r"bn_momentum must be in \[0, 1\)"),
+  ("mesh.data_axis", 3, ValueError, "data_axis=3 needs at least 3 devices, but 1 are"),
 ]
 
 
@@ -246,3 +249,163 @@ def test_every_shipped_config_is_valid():
     models.create_model(config.model.name, 10)
     assert "python -m swamp_jax --config configs/" + path.name in module.__doc__
     json.loads(config.to_json_best_effort())
+
+
+_RUN_ON_4_DEVICES = """
+import sys
+import jax
+from tests.conftest import create_tiny_config
+import swamp_jax
+assert jax.device_count() == 4
+swamp_jax.run(create_tiny_config(num_rounds=0, epochs_per_round=1), sys.argv[1])
+"""
+
+
+def test_models_saved_on_4_devices_load_on_1(tmp_path):
+  proc = subprocess.run(
+    [sys.executable, "-c", _RUN_ON_4_DEVICES, str(tmp_path)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={
+      **os.environ,
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+      "PYTHONPATH": str(REPO),
+    },
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert jax.device_count() == 1
+  saved = swamp_jax.load_round_model(str(tmp_path), 0)
+  assert saved["particle_params"]["fc1"]["kernel"].shape[0] == 2
+  final = swamp_jax.load_final_model(str(tmp_path / "final_model"))
+  for a, b in zip(_leaves(saved["params"]), _leaves(final["params"]), strict=True):
+    np.testing.assert_array_equal(a, b)
+  ticket = swamp_jax.load_final_model(str(tmp_path / "ticket"))
+  assert set(ticket) == {"params", "batch_stats"}
+
+
+def test_a_config_missing_a_group_is_named(tiny_config):
+  del tiny_config["mesh"]
+  with pytest.raises(ValueError, match="lacks the group 'mesh'.*get_default_config"):
+    swamp_jax.run(tiny_config)
+
+
+@pytest.mark.parametrize(
+  ("field", "value", "message"),
+  [
+    ("dataset.name", "no_such_dataset_xyz", "unknown dataset"),  # found before any I/O
+    ("dataset.train_size", 10**6, "train_size"),  # found once the data is read
+  ],
+)
+def test_an_error_leaves_no_new_workdir_behind(tiny_config, tmp_path, field, value, message):
+  group, _, name = field.rpartition(".")
+  tiny_config[group][name] = value
+  with pytest.raises(ValueError, match=message):
+    swamp_jax.run(tiny_config, str(tmp_path / "new"))
+  assert not (tmp_path / "new").exists()
+
+
+def test_a_workdir_that_is_a_file_is_refused(tiny_config, tmp_path):
+  (tmp_path / "file").write_text("mine")
+  with pytest.raises(FileExistsError, match="is a file, not a directory"):
+    swamp_jax.run(tiny_config, str(tmp_path / "file"))
+  assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_dataset_without_a_test_split_is_refused_before_reading(tiny_config, tmp_path):
+  from .conftest import SHARED_TFDS
+
+  (version,) = (SHARED_TFDS / "mnist").iterdir()
+  fake = tmp_path / "tfds" / "mnist" / version.name
+  fake.mkdir(parents=True)  # the metadata alone: reading any example would fail
+  (fake / "features.json").write_bytes((version / "features.json").read_bytes())
+  info = json.loads((version / "dataset_info.json").read_text())
+  info["splits"] = [s for s in info["splits"] if s["name"] != "test"]
+  (fake / "dataset_info.json").write_text(json.dumps(info))
+  tiny_config.dataset.name = "mnist"
+  tiny_config.dataset.data_dir = str(tmp_path / "tfds")
+  with pytest.raises(ValueError, match=r"'mnist' has no 'test' split \(it has \['train'\]\)"):
+    swamp_jax.run(tiny_config, str(tmp_path / "work"))
+  assert not (tmp_path / "work").exists()
+
+
+_MESH_ON_4_DEVICES = """
+import logging
+from swamp_jax import run_setup
+from tests.conftest import create_tiny_config
+logging.basicConfig(level=logging.WARNING)
+try:
+  run_setup.create_placement(create_tiny_config(batch_size=64, mesh__data_axis=3))
+except ValueError as e:
+  print("ERROR", e)
+placement = run_setup.create_placement(create_tiny_config(batch_size=63, mesh__data_axis=3))
+print("MESH", dict(placement.mesh.shape))
+"""
+
+
+def test_a_mesh_that_leaves_devices_unused_names_the_device_count():
+  proc = subprocess.run(
+    [sys.executable, "-c", _MESH_ON_4_DEVICES],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={
+      **os.environ,
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+      "PYTHONPATH": str(REPO),
+    },
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "ERROR batch_size=64 is not divisible by mesh.data_axis=3" in proc.stdout
+  assert "only 3 of the 4 devices" in proc.stdout
+  assert "uses 3 of the 4 devices; meshes that use them all: ['1 x 4', '2 x 2']" in proc.stderr
+
+
+def _cli(*args, env=None):
+  return subprocess.run(
+    [sys.executable, "-m", "swamp_jax", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO), **(env or {})},
+  )
+
+
+def test_cli_errors_are_one_line_naming_the_cause(tmp_path):
+  (tmp_path / "file").write_text("")
+  digits = ["--config", "configs/digits.py"]
+  cases = [
+    ([*digits, f"--workdir={tmp_path}/a", "--config.foo=1"], 2, "unknown config field 'foo'"),
+    (
+      [*digits, f"--workdir={tmp_path}/a", "--config.model.nme=x"],
+      2,
+      "unknown config field 'model.nme' in --config.model.nme=x; did you mean 'model.name'?",
+    ),
+    (["--config", "config.py", f"--workdir={tmp_path}/a"], 2, "config file 'config.py' does not"),
+    ([*digits, f"--workdir={tmp_path}/file"], 1, "is a file, not a directory"),
+    ([*digits, f"--workdir={tmp_path}/a", "extra"], 2, "unexpected arguments ['extra']"),
+    ([*digits, f"--workdir={tmp_path}/a", "--config.model.bn_momentum=2.0"], 1, "bn_momentum"),
+  ]
+  for args, status, message in cases:
+    proc = _cli(*args)
+    assert proc.returncode == status, (args, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, args
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("swamp_jax: error: ") and message in last, (args, last)
+  assert not (tmp_path / "a").exists()
+  verbose = _cli(*digits, f"--workdir={tmp_path}/a", "--config.model.bn_momentum=2.0", "--verbose")
+  traced = _cli(
+    *digits,
+    f"--workdir={tmp_path}/a",
+    "--config.seed=-1",
+    "--config.model.bn_momentum=2.0",
+    env={"SWAMP_JAX_TRACEBACK": "1"},
+  )
+  for proc in (verbose, traced):
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "bn_momentum must be in [0, 1)" in proc.stderr

@@ -1,0 +1,81 @@
+"""Digests of arrays: any changed element is caught, on any mesh and dtype."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from swamp_jax import imp, integrity
+
+from .conftest import REPO
+
+
+def _tree():
+  return {
+    "w": jnp.arange(24.0).reshape(4, 6),
+    "mask": jnp.arange(6) % 2 == 0,
+    "key": jax.random.PRNGKey(3),
+    "ticket": imp.Ticket(jnp.ones((2, 3), jnp.bfloat16), {}),
+  }
+
+
+def test_one_flipped_bit_in_any_leaf_changes_only_that_digest():
+  tree = _tree()
+  digests, non_finite = integrity.compute_digests(tree)
+  assert non_finite == [] and len(digests) == 4
+  host = jax.tree_util.tree_map(np.asarray, tree)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(host):
+    for position in (0, leaf.size - 1):
+      raw = leaf.copy().view(np.uint8).reshape(-1)
+      raw[position * leaf.itemsize] ^= 1
+      flipped = raw.view(leaf.dtype).reshape(leaf.shape)
+      damaged = jax.tree_util.tree_map_with_path(
+        lambda p, x, target=path, new=flipped: new if p == target else x, host
+      )
+      changed = integrity.compare_digests(digests, integrity.compute_digests(damaged)[0])
+      assert changed == [jax.tree_util.keystr(path)]
+
+
+def test_swapping_two_elements_changes_the_digest_and_nan_is_reported():
+  x = jnp.arange(5.0)
+  swapped = x.at[jnp.array([1, 2])].set(jnp.array([2.0, 1.0]))
+  assert integrity.compute_digests(x)[0] != integrity.compute_digests(swapped)[0]
+  assert integrity.compute_digests({"a": x.at[3].set(jnp.inf)})[1] == ["['a']"]
+
+
+_SHARDED = """
+import json, sys
+import jax, jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from swamp_jax import integrity
+from tests.test_integrity import _tree
+mesh = Mesh(jax.devices()[:4], ("particle",))
+tree = _tree()
+tree["w"] = jax.device_put(tree["w"], NamedSharding(mesh, P("particle")))
+tree["mask"] = jax.device_put(tree["mask"], NamedSharding(mesh, P()))
+assert len(tree["w"].addressable_shards) == 4
+print(json.dumps(integrity.compute_digests(tree)))
+"""
+
+
+def test_digest_of_a_sharded_array_equals_the_unsharded_one():
+  proc = subprocess.run(
+    [sys.executable, "-c", _SHARDED],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={
+      **os.environ,
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+      "PYTHONPATH": str(REPO),
+    },
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  sharded = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert sharded == [integrity.compute_digests(_tree())[0], []]
