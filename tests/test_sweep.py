@@ -31,11 +31,17 @@ def _sweep(out, **popen):
 def test_a_killed_sweep_resumes_its_interrupted_run_and_skips_finished_ones(tmp_path):
   work = tmp_path / "imp" / "seed0"
   results = work / "results.jsonl"
+  # Kill once the checkpoint at the start of round 1 is on disk: round 0 is finished and its
+  # result is in a checkpoint (digits, batches of 64: 22 steps an epoch; the checkpoint id
+  # counts steps trained, 22 dense + 2 epochs of round 0 = 66).
+  checkpoints = work / "checkpoints"
   proc = _sweep(tmp_path, start_new_session=True, stdout=subprocess.DEVNULL)
   try:
     deadline = time.time() + 300
-    while time.time() < deadline and not results.exists():
-      assert proc.poll() is None, "the sweep ended before round 0 finished"
+    while time.time() < deadline and not (
+      checkpoints.is_dir() and any(p.isdigit() and int(p) >= 66 for p in os.listdir(checkpoints))
+    ):
+      assert proc.poll() is None, "the sweep ended before round 1 started"
       time.sleep(0.05)
   finally:
     os.killpg(proc.pid, signal.SIGKILL)  # the sweep and the run it started
