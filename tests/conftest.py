@@ -64,3 +64,26 @@ def create_tiny_config(**overrides):
 @pytest.fixture
 def tiny_config():
   return create_tiny_config()
+
+
+def create_fake_device_env(num_devices: int) -> dict:
+  """This environment for a subprocess on ``num_devices`` fake CPU devices, keeping the
+  caller's other XLA flags (e.g. --xla_cpu_max_isa=AVX2 to test another instruction set)."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  return {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={num_devices}"]),
+  }
+
+
+def run_python_on_fake_devices(code: str, num_devices: int, timeout: int = 120):
+  """``python -c code`` on ``num_devices`` fake CPU devices (the caller's other XLA flags
+  kept); returns the CompletedProcess (text output)."""
+  import subprocess
+  import sys
+
+  env = {**create_fake_device_env(num_devices), "PYTHONPATH": str(REPO)}
+  return subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
+  )

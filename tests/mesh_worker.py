@@ -36,6 +36,19 @@ def make_config(model="lenet5", num_particles=4, particle_axis=0, data_axis=0):
   return c
 
 
+def flatten_result(out) -> dict:
+  """A ``SwampResult`` as named arrays: the final model, mask and every round's accuracies."""
+  import jax
+
+  flat = {}
+  for name, tree in (("params", out.params), ("mask", out.mask), ("bs", out.batch_stats)):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+      flat[f"{name}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+  flat["accuracy"] = np.asarray([r.test_accuracy for r in out.rounds])
+  flat["particle_accuracy"] = np.asarray([r.particle_test_accuracy for r in out.rounds])
+  return flat
+
+
 def record_reference(config, workdir, rounds) -> dict:
   """What the equivalence checks of test_mesh.py need from the reference run (one device).
 
@@ -94,12 +107,7 @@ def main():
 
   c = make_config(args.model, args.num_particles, args.particle_axis, args.data_axis)
   out = swamp_jax.run(c, args.workdir)
-  flat = {}
-  for name, tree in (("params", out.params), ("mask", out.mask), ("bs", out.batch_stats)):
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-      flat[f"{name}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
-  flat["accuracy"] = np.asarray([r.test_accuracy for r in out.rounds])
-  flat["particle_accuracy"] = np.asarray([r.particle_test_accuracy for r in out.rounds])
+  flat = flatten_result(out)
   flat["devices"] = np.asarray(len(jax.devices()))
   flat["mesh"] = np.asarray(json.dumps(dict(swamp_jax.run_setup.create_placement(c).mesh.shape)))
   if jax.process_index() == 0:

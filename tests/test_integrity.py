@@ -1,9 +1,6 @@
 """Digests of arrays: any changed element is caught, on any mesh and dtype."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +8,7 @@ import numpy as np
 
 from swamp_jax import imp, integrity
 
-from .conftest import REPO
+from .conftest import run_python_on_fake_devices
 
 
 def _tree():
@@ -63,19 +60,7 @@ print(json.dumps(integrity.compute_digests(tree)))
 
 
 def test_digest_of_a_sharded_array_equals_the_unsharded_one():
-  proc = subprocess.run(
-    [sys.executable, "-c", _SHARDED],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=120,
-    env={
-      **os.environ,
-      "JAX_PLATFORMS": "cpu",
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-      "PYTHONPATH": str(REPO),
-    },
-  )
+  proc = run_python_on_fake_devices(_SHARDED, 4)
   assert proc.returncode == 0, proc.stderr[-2000:]
   sharded = json.loads(proc.stdout.strip().splitlines()[-1])
   assert sharded == [integrity.compute_digests(_tree())[0], []]

@@ -4,7 +4,6 @@ Fake CPU devices need XLA_FLAGS before JAX starts, and jax.distributed needs
 fresh processes, so the runs happen in subprocesses (tests/*_worker.py).
 """
 
-import os
 import signal
 import socket
 import subprocess
@@ -18,16 +17,11 @@ import pytest
 from swamp_jax import distributed
 
 from . import equivalence
-from .conftest import REPO
+from .conftest import REPO, create_fake_device_env
 
 
 def _env(num_devices):
-  env = dict(os.environ)
-  # Keep the caller's other XLA flags (e.g. --xla_cpu_max_isa=AVX2 to test another ISA).
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-  env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={num_devices}"])
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
+  return create_fake_device_env(num_devices)
 
 
 def _worker(out, num_devices, *args, timeout=600):
@@ -86,17 +80,12 @@ def _reference(tmp_path, **config):
   """mesh_worker's run in this process, on one device (the suite's one CPU device)."""
   import swamp_jax
 
-  from .mesh_worker import make_config, record_reference
+  from .mesh_worker import flatten_result, make_config, record_reference
 
   assert len(jax.devices()) == 1
   c = make_config(particle_axis=1, data_axis=1, **config)
   out = swamp_jax.run(c, str(tmp_path))
-  flat = {}
-  for name, tree in (("params", out.params), ("mask", out.mask), ("bs", out.batch_stats)):
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-      flat[f"{name}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
-  flat["accuracy"] = np.asarray([r.test_accuracy for r in out.rounds])
-  flat["particle_accuracy"] = np.asarray([r.particle_test_accuracy for r in out.rounds])
+  flat = flatten_result(out)
   flat.update(record_reference(c, str(tmp_path), out.rounds))
   return flat
 

@@ -13,7 +13,7 @@ import swamp_jax
 from swamp_jax import data, imp, masking, models, results
 
 from . import equivalence
-from .conftest import REPO
+from .conftest import REPO, run_python_on_fake_devices
 
 
 def _leaves(tree):
@@ -346,19 +346,7 @@ print("MESH", dict(placement.mesh.shape))
 
 
 def test_a_mesh_that_leaves_devices_unused_names_the_device_count():
-  proc = subprocess.run(
-    [sys.executable, "-c", _MESH_ON_4_DEVICES],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=120,
-    env={
-      **os.environ,
-      "JAX_PLATFORMS": "cpu",
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-      "PYTHONPATH": str(REPO),
-    },
-  )
+  proc = run_python_on_fake_devices(_MESH_ON_4_DEVICES, 4)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "ERROR batch_size=64 is not divisible by mesh.data_axis=3" in proc.stdout
   assert "only 3 of the 4 devices" in proc.stdout
