@@ -87,3 +87,25 @@ def run_python_on_fake_devices(code: str, num_devices: int, timeout: int = 120):
   return subprocess.run(
     [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
   )
+
+
+def compute_once_per_session(tmp_path_factory, name: str, compute):
+  """``compute(folder)`` once for the whole test session, pytest-xdist workers included.
+
+  The folder lies in the temporary root that all workers share; the first caller computes
+  under a file lock while the others wait, and every later caller gets the folder as it is.
+  ``compute`` must leave the folder complete (a marker file is written after it returns).
+  """
+  from filelock import FileLock
+
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent  # shared by the workers of this session
+  folder = root / f"shared_{name}"
+  with FileLock(str(folder) + ".lock"):
+    if not (folder / ".complete").exists():
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+      compute(folder)
+      (folder / ".complete").touch()
+  return folder

@@ -1,14 +1,15 @@
 """Tiny finished runs (SWAMP and IMP on digits) that the analysis tests share.
 
-Each is trained once per test session, on first use, and cached here: a
-pytest fixture imported into several test modules would run once per module.
+Each is trained once per test session, on first use, whichever pytest-xdist
+worker asks first (``conftest.compute_once_per_session``); tests only read it.
+A pytest fixture imported into several test modules would run once per module.
 """
 
 import swamp_jax
 from swamp_jax import mask_quality
 
 from . import equivalence
-from .conftest import create_tiny_config
+from .conftest import compute_once_per_session, create_tiny_config
 
 _WORKDIRS = {}
 
@@ -21,12 +22,15 @@ def create_tiny_swamp_config():
 def get_saved_run(method: str, tmp_path_factory) -> str:
   """The workdir of the tiny 'swamp' or 'imp' run (IMP: the same config made IMP)."""
   if method not in _WORKDIRS:
-    config = create_tiny_swamp_config()
-    if method == "imp":
-      config = mask_quality.create_imp_config(config)
-    workdir = str(tmp_path_factory.mktemp(f"saved_{method}"))
-    swamp_jax.run(config, workdir)
-    _WORKDIRS[method] = workdir
+
+    def compute(folder):
+      config = create_tiny_swamp_config()
+      if method == "imp":
+        config = mask_quality.create_imp_config(config)
+      swamp_jax.run(config, str(folder / "run"))
+
+    folder = compute_once_per_session(tmp_path_factory, f"saved_{method}", compute)
+    _WORKDIRS[method] = str(folder / "run")
   return _WORKDIRS[method]
 
 

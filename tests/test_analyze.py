@@ -11,10 +11,6 @@ import pytest
 from .conftest import REPO
 from .saved_runs_for_analyses import get_saved_run
 
-# One pytest-xdist worker runs every module that reads the shared tiny saved runs, which
-# are then trained once (tests/saved_runs_for_analyses.py).
-pytestmark = pytest.mark.xdist_group("saved_runs")
-
 
 def _load_analyze_module():
   sys.path.insert(0, str(REPO / "experiments"))  # analyze imports its sibling report.py

@@ -9,10 +9,6 @@ from swamp_jax import workdir as workdir_lib
 from . import equivalence
 from .saved_runs_for_analyses import LENET300_EVAL_RTOL, compute_test_logits, get_saved_run
 
-# One pytest-xdist worker runs every module that reads the shared tiny saved runs, which
-# are then trained once (tests/saved_runs_for_analyses.py).
-pytestmark = pytest.mark.xdist_group("saved_runs")
-
 
 @pytest.fixture(scope="module")
 def digits():

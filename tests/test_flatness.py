@@ -10,10 +10,6 @@ from swamp_jax import data, flatness
 from . import equivalence
 from .saved_runs_for_analyses import get_saved_run
 
-# One pytest-xdist worker runs every module that reads the shared tiny saved runs, which
-# are then trained once (tests/saved_runs_for_analyses.py).
-pytestmark = pytest.mark.xdist_group("saved_runs")
-
 KEY = jax.random.key(0)
 
 

@@ -7,10 +7,6 @@ from swamp_jax import workdir as workdir_lib
 
 from .saved_runs_for_analyses import get_saved_run
 
-# One pytest-xdist worker runs every module that reads the shared tiny saved runs, which
-# are then trained once (tests/saved_runs_for_analyses.py).
-pytestmark = pytest.mark.xdist_group("saved_runs")
-
 
 def _leaves(tree):
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]

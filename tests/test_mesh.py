@@ -17,7 +17,7 @@ import pytest
 from swamp_jax import distributed
 
 from . import equivalence
-from .conftest import REPO, create_fake_device_env
+from .conftest import REPO, compute_once_per_session, create_fake_device_env
 
 
 def _env(num_devices):
@@ -92,15 +92,17 @@ def _reference(tmp_path, **config):
 
 @pytest.fixture(scope="session")
 def sharded_run(tmp_path_factory):
-  """The 4 x 2 mesh run (8 fake devices) with its workdir, shared by two tests (session
-  scope: a pytest-xdist worker may run another module's tests between them)."""
-  tmp = tmp_path_factory.mktemp("sharded")
-  work = tmp / "work"
-  npz = _worker(tmp / "mesh.npz", 8, "--particle_axis=4", "--data_axis=2", f"--workdir={work}")
-  return npz, work
+  """The 4 x 2 mesh run (8 fake devices) with its workdir, shared by two tests: computed
+  once per session, whichever pytest-xdist worker asks first (the workdir is read-only)."""
+
+  def compute(folder):
+    args = ("--particle_axis=4", "--data_axis=2", f"--workdir={folder / 'work'}")
+    _worker(folder / "mesh.npz", 8, *args)
+
+  folder = compute_once_per_session(tmp_path_factory, "sharded_run", compute)
+  return np.load(folder / "mesh.npz"), folder / "work"
 
 
-@pytest.mark.xdist_group("sharded_run")  # one worker computes the shared 8-device run
 def test_mesh_of_4_particles_by_2_data_equals_one_device(sharded_run, tmp_path):
   sharded, _ = sharded_run
   assert str(sharded["mesh"]) == '{"particle": 4, "data": 2}' and int(sharded["devices"]) == 8
@@ -177,7 +179,6 @@ def test_two_processes_give_the_result_of_one(tmp_path):
   assert len(lines) == 2
 
 
-@pytest.mark.xdist_group("sharded_run")
 def test_checkpoint_from_an_8_device_mesh_resumes_on_one_device(sharded_run, tmp_path):
   import shutil
 

@@ -8,10 +8,6 @@ from swamp_jax import results
 from .conftest import REPO
 from .saved_runs_for_analyses import get_saved_run
 
-# One pytest-xdist worker runs every module that reads the shared tiny saved runs, which
-# are then trained once (tests/saved_runs_for_analyses.py).
-pytestmark = pytest.mark.xdist_group("saved_runs")
-
 
 def _load_report_module():
   spec = importlib.util.spec_from_file_location("report", REPO / "experiments" / "report.py")
