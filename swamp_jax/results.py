@@ -144,13 +144,6 @@ def write_results(workdir: str, rounds: list[RoundResult]) -> None:
   os.replace(tmp, path)
 
 
-def append_result(workdir: str, result: RoundResult) -> None:
-  """Adds one round to ``results.jsonl`` (atomically) unless it is listed already."""
-  rounds = read_results(workdir)
-  if not any(r.round == result.round for r in rounds):
-    write_results(workdir, [*rounds, result])
-
-
 def read_results(workdir: str) -> list[RoundResult]:
   """The rounds listed in ``workdir/results.jsonl`` ([] when there is none).
 

@@ -21,12 +21,15 @@ report = _load_report_module()
 
 def _write_run(workdir, accuracies, prune_fraction=0.2):
   os.makedirs(workdir)
+  rounds = []
   for i, acc in enumerate(accuracies):
     remaining = round(1000 * (1 - prune_fraction) ** i)
-    r = results.RoundResult(
-      i, 1 - remaining / 1000, remaining, 1000, 1, acc, 0.1, (acc,), (0.1,), acc, 0.1
+    rounds.append(
+      results.RoundResult(
+        i, 1 - remaining / 1000, remaining, 1000, 1, acc, 0.1, (acc,), (0.1,), acc, 0.1
+      )
     )
-    results.append_result(str(workdir), r)
+  results.write_results(str(workdir), rounds)
 
 
 def test_table_gives_mean_and_sample_std_over_seeds_per_sparsity(tmp_path):
