@@ -14,7 +14,6 @@ Ctrl-C (the run resumes with the same command). ``--verbose`` or
 ``SWAMP_JAX_TRACEBACK=1`` shows the traceback instead.
 """
 
-import difflib
 import logging as std_logging
 import os
 import re
@@ -77,9 +76,9 @@ def _check_command_line(argv) -> None:
     group, prefix = config_lib.get_default_config(), ""
     for name in override.group(1).split("."):
       if not hasattr(group, "keys") or name not in group:
-        known = list(group.keys()) if hasattr(group, "keys") else []
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+        hint = config_lib.suggest_field(
+          prefix, name, group.keys() if hasattr(group, "keys") else []
+        )
         _fail(f"unknown config field {prefix + name!r} in {arg}{hint}", 2)
       group, prefix = group[name], f"{prefix}{name}."
 

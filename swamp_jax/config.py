@@ -138,11 +138,16 @@ def _type_error(name: str, value, default) -> str | None:
   return None if ok else f"config field {name!r} must be {kind}, got {value!r}"
 
 
+def suggest_field(prefix: str, key: str, known) -> str:
+  """The hint for an unknown field ``prefix + key``: the closest ``known`` name, or ''."""
+  close = difflib.get_close_matches(key, list(known), n=1)
+  return f"; did you mean {prefix + close[0]!r}?" if close else ""
+
+
 def _check_fields(config, defaults, prefix=""):
   for key in config:
     if key not in defaults:
-      close = difflib.get_close_matches(key, list(defaults.keys()), n=1)
-      hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+      hint = suggest_field(prefix, key, defaults.keys())
       raise ValueError(f"unknown config field {prefix + key!r}{hint}")
     value, default = config[key], defaults[key]
     if isinstance(default, ml_collections.ConfigDict):
