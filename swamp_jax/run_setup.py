@@ -4,6 +4,7 @@ learning-rate schedule, optimizer, and the jitted round programs."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 
 import jax
@@ -211,8 +212,9 @@ def create_setup(config, optimizer=None, prune_score=None) -> RunSetup:
   )
   # The dense phase before the ticket: one network, no SWA.
   pretrain_spec = dataclasses.replace(spec, swa_start_step=rewind_step + 1)
-  variables = model.init(
-    imp.init_key(config.seed), jnp.zeros((1, *dataset.image_shape), jnp.float32), train=False
+  # Under jit: one program, instead of one compiled per initializer and layer when eager.
+  variables = jax.jit(functools.partial(model.init, train=False))(
+    imp.init_key(config.seed), jnp.zeros((1, *dataset.image_shape), jnp.float32)
   )
   params, batch_stats = placement.replicate((variables["params"], variables.get("batch_stats", {})))
   prunable = masking.compute_prunable(params, config.prune_exclude, config.prune_leaves)
