@@ -25,6 +25,7 @@ def recompute_batch_stats(
   std,
   batch_size: int,
   num_batches: int,
+  num_examples: int = 0,
 ):
   """Fresh BatchNorm statistics of ``params`` from training batches.
 
@@ -37,6 +38,9 @@ def recompute_batch_stats(
     images: stored training images [n, H, W, C] (no augmentation: the pass
       is deterministic and sees the data as evaluation does).
     num_batches: batches of a fixed order; ``<= 0`` means a whole epoch.
+    num_examples: batches are drawn from rows ``[0, num_examples)`` only
+      (``<= 0``: all rows). A training set split over several processes is
+      padded to a multiple of the devices; its padding rows are not data.
 
   Returns:
     The new ``batch_stats`` pytree.
@@ -44,7 +48,7 @@ def recompute_batch_stats(
   if not jax.tree_util.tree_leaves(batch_stats):
     return batch_stats
   images = jnp.asarray(images)  # host arrays cannot be indexed by traced indices
-  n = images.shape[0]
+  n = num_examples if num_examples > 0 else images.shape[0]
   available = n // batch_size
   num_batches = available if num_batches <= 0 else min(num_batches, available)
   order = jax.random.permutation(jax.random.key(_BN_ORDER_SEED), n)[: num_batches * batch_size]

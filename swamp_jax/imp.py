@@ -91,6 +91,9 @@ class RoundSettings:
   swa_snapshots: int = 0  # weights each particle's SWA mean averages (0: SWA off)
   bn_recompute_unaveraged: bool = False
   pruning_rule: masking.PruningRule = masking.PruningRule()
+  # Training examples (rows past it pad a multi-process training set): the BN recompute
+  # draws its batches from these only, so its statistics are the same on any process count.
+  bn_num_examples: int = 0
 
   def recomputes(self, num_averaged: int) -> bool:
     """Whether BN statistics of a solution averaging ``num_averaged`` weights are recomputed."""
@@ -141,6 +144,7 @@ def finish_round(
     std=data.std,
     batch_size=settings.bn_batch_size,
     num_batches=settings.bn_num_batches,
+    num_examples=settings.bn_num_examples,
   )
   recomputed_bs = recompute(avg_params, running_bs) if settings.bn_recompute else running_bs
   avg_bs = recomputed_bs if recompute_average else running_bs

@@ -105,6 +105,14 @@ def check_config_inputs(config) -> None:
   """Checks what ``config`` names outside itself (dataset, mesh on these devices),
   without reading data: ``run`` calls it before writing anything."""
   data_lib.check_dataset(config.dataset.name, config.dataset.data_dir)
+  if config.dataset.train_size and jax.process_count() > 1:
+    # The subset is a fixed permutation of the whole split, and each process reads only a
+    # contiguous slice of the split: it would have to read the whole split to find its rows.
+    raise ValueError(
+      f"dataset.train_size={config.dataset.train_size} is not supported with "
+      f"{jax.process_count()} processes (each reads only its own rows of the training "
+      "split); set dataset.train_size=0 or run in one process"
+    )
   create_placement(config, warn=False)
 
 
@@ -230,6 +238,7 @@ def create_setup(config, optimizer=None, prune_score=None) -> RunSetup:
     swa_snapshots=config_lib.count_swa_snapshots(config),
     bn_recompute_unaveraged=config.bn_recompute.unaveraged,
     pruning_rule=pruning_rule,
+    bn_num_examples=num_train,
   )
   # The ticket is trained with the schedule of SWA-free IMP, whatever the SWA settings, so
   # IMP and SWAMP runs of one seed share their ticket and comparisons between them are paired.

@@ -36,6 +36,13 @@ def make_config(model="lenet5", num_particles=4, particle_axis=0, data_axis=0):
   return c
 
 
+def get_config(arg: str = "lenet5,4"):
+  """``make_config`` for the command line: ``--config tests/mesh_worker.py:wrn10_1,2``
+  (model, num_particles), so a CLI launch runs exactly the program the tests compare."""
+  model, num_particles = arg.split(",")
+  return make_config(model, int(num_particles))
+
+
 def flatten_result(out) -> dict:
   """A ``SwampResult`` as named arrays: the final model, mask and every round's accuracies."""
   import jax
@@ -46,6 +53,24 @@ def flatten_result(out) -> dict:
       flat[f"{name}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
   flat["accuracy"] = np.asarray([r.test_accuracy for r in out.rounds])
   flat["particle_accuracy"] = np.asarray([r.particle_test_accuracy for r in out.rounds])
+  return flat
+
+
+def flatten_workdir(workdir) -> dict:
+  """``flatten_result``'s arrays for a finished run's workdir (its final model and results)."""
+  import jax
+
+  from swamp_jax import results
+  from swamp_jax import workdir as workdir_lib
+
+  final = workdir_lib.load_final_model(f"{workdir}/{workdir_lib.FINAL_MODEL_DIR}")
+  flat = {}
+  for name, key in (("params", "params"), ("mask", "mask"), ("bs", "batch_stats")):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(final[key]):
+      flat[f"{name}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+  rounds = results.read_results(str(workdir))
+  flat["accuracy"] = np.asarray([r.test_accuracy for r in rounds])
+  flat["particle_accuracy"] = np.asarray([r.particle_test_accuracy for r in rounds])
   return flat
 
 

@@ -50,7 +50,7 @@ def _leaves(npz, prefix):
   return {k[len(prefix) :]: npz[k] for k in npz if k.startswith(prefix)}
 
 
-def _assert_same_run(a, b, rtol=RUN_RTOL):
+def _assert_same_run(a, b, rtol=RUN_RTOL, layers=LENET5_LAYERS):
   """Two programs' runs of one config (``b`` recorded with --reference) agree up to float32
   reordering: weights normwise, the mask but for near-ties of the threshold, accuracies but
   for near-ties of the top two logits (tests/equivalence.py)."""
@@ -65,7 +65,7 @@ def _assert_same_run(a, b, rtol=RUN_RTOL):
     _leaves(a, "mask"), _leaves(b, "mask"), kernels, rtol
   )
   # Logits move with the weights of every layer they pass through.
-  logit_rtol = LENET5_LAYERS * rtol
+  logit_rtol = layers * rtol
   for r, accuracy in enumerate(b["accuracy"]):
     logits = b[f"logits_average_{r}"]
     equivalence.assert_accuracies_agree(a["accuracy"][r], accuracy, logits, logit_rtol)
@@ -139,24 +139,33 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_give_the_result_of_one(tmp_path):
+# The two-process runs: WRN-10-1 (BatchNorm; a stem conv, one pre-activation block per stage,
+# a final BN and the head: 15 reductions in sequence forward, as many backward), 2 particles,
+# one in each process, launched from the command line with mesh_worker's config.
+TWO_PROCESS_CONFIG = "tests/mesh_worker.py:wrn10_1,2"
+WRN10_LAYERS = 15
+WRN10_RTOL = equivalence.training_rtol(RUN_STEPS, 64 * 8 * 8, depth=2 * WRN10_LAYERS)
+
+
+def _launch_two_processes(work):
+  """The run of TWO_PROCESS_CONFIG in 2 processes (gloo) on ``work``, from the command line."""
   port = _free_port()
-  common = [
-    "--num_particles=2",
-    f"--coordinator=localhost:{port}",
-    "--num_processes=2",
-    f"--workdir={tmp_path / 'work'}",
-  ]
-  procs = [
+  return [
     subprocess.Popen(
       [
         sys.executable,
-        str(REPO / "tests" / "mesh_worker.py"),
-        "--out",
-        str(tmp_path / "mp.npz"),
-        *common,
+        "-m",
+        "swamp_jax",
+        "--config",
+        TWO_PROCESS_CONFIG,
+        f"--workdir={work}",
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
         f"--process_id={i}",
+        "--cpu_collectives=gloo",
+        "--heartbeat_timeout_seconds=10",
       ],
+      cwd=REPO,
       env=_env(1),
       stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE,
@@ -164,19 +173,80 @@ def test_two_processes_give_the_result_of_one(tmp_path):
     )
     for i in range(2)
   ]
+
+
+def _finish(procs, timeout=600):
   try:
-    errors = [p.communicate(timeout=600)[1] for p in procs]
+    errors = [p.communicate(timeout=timeout)[1] for p in procs]
   finally:
     for p in procs:
       p.kill()
   for p, err in zip(procs, errors, strict=True):
     assert p.returncode == 0, err[-4000:]
-  two = np.load(tmp_path / "mp.npz")
-  assert str(two["mesh"]) == '{"particle": 2, "data": 1}' and int(two["devices"]) == 2
-  _assert_same_run(two, _reference(tmp_path / "one", num_particles=2))
+
+
+@pytest.fixture(scope="session")
+def two_process_run(tmp_path_factory):
+  """The uninterrupted two-process run's workdir, computed once per session."""
+
+  def compute(folder):
+    _finish(_launch_two_processes(folder / "work"))
+
+  return compute_once_per_session(tmp_path_factory, "two_process_run", compute) / "work"
+
+
+def test_two_processes_with_batchnorm_give_the_result_of_one(two_process_run, tmp_path):
+  from .mesh_worker import flatten_workdir
+
+  two = flatten_workdir(two_process_run)
+  one = _reference(tmp_path / "one", model="wrn10_1", num_particles=2)
+  # Padding rows of the split training set must not enter the BN recompute: they would change
+  # its batches (the permutation's length) and every recomputed statistic.
+  _assert_same_run(two, one, WRN10_RTOL, layers=WRN10_LAYERS)
   # Results written once, not once per process.
-  lines = (tmp_path / "work" / "results.jsonl").read_text().splitlines()
-  assert len(lines) == 2
+  assert len((two_process_run / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_two_processes_killed_mid_round_resume_to_the_uninterrupted_result(
+  two_process_run, tmp_path
+):
+  from .mesh_worker import flatten_workdir
+
+  work = tmp_path / "work"
+  procs = _launch_two_processes(work)
+  try:
+    # Checkpoint 55 is half-way through round 1 (44..66), after a prune, with one particle
+    # (and its shard of the state) in each process.
+    deadline = time.time() + 300
+    while time.time() < deadline and not (work / "checkpoints" / "55").exists():
+      assert procs[0].poll() is None and procs[1].poll() is None, "finished before the kill"
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    _, err = procs[0].communicate(timeout=180)  # never a hang
+  finally:
+    for p in procs:
+      p.kill()
+  # The survivor stops (never hangs in a collective) with an error naming the lost peer.
+  assert procs[0].returncode != 0, err[-3000:]
+  assert "heartbeat" in err or "Connection closed by peer" in err, err[-3000:]
+  assert not (work / "final_model").exists()
+  # Both restarted with the same command: the run resumes from its checkpoints and ends
+  # exactly as the uninterrupted one (the same program: bit-identical).
+  _finish(_launch_two_processes(work))
+  resumed, uninterrupted = flatten_workdir(work), flatten_workdir(two_process_run)
+  assert sorted(resumed) == sorted(uninterrupted)
+  for key, value in uninterrupted.items():
+    np.testing.assert_array_equal(resumed[key], value, err_msg=key)
+  assert len((work / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_train_size_with_several_processes_is_refused_naming_the_field(monkeypatch, tiny_config):
+  from swamp_jax import run_setup
+
+  tiny_config.dataset.train_size = 100
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match=r"dataset.train_size=100 is not supported with 2 proc"):
+    run_setup.check_config_inputs(tiny_config)
 
 
 def test_checkpoint_from_an_8_device_mesh_resumes_on_one_device(sharded_run, tmp_path):
@@ -208,6 +278,24 @@ def test_checkpoint_from_an_8_device_mesh_resumes_on_one_device(sharded_run, tmp
   assert len((work / "results.jsonl").read_text().splitlines()) == 2
 
 
+def test_models_saved_on_an_8_device_mesh_load_on_1(sharded_run):
+  import swamp_jax
+
+  _, work = sharded_run
+  assert len(jax.devices()) == 1
+  last = swamp_jax.load_round_model(str(work), 1)
+  assert last["particle_params"]["head"]["kernel"].shape[0] == 4  # the particle axis
+  final = swamp_jax.load_final_model(str(work / "final_model"))
+  for a, b in zip(
+    jax.tree_util.tree_leaves(last["params"]),
+    jax.tree_util.tree_leaves(final["params"]),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(a, b)
+  ticket = swamp_jax.load_final_model(str(work / "ticket"))
+  assert set(ticket) == {"params", "batch_stats"}
+
+
 def test_particle_counts_that_do_not_divide_the_mesh_are_refused_with_the_sizes_that_work():
   devices = [jax.devices()[0]] * 8  # shapes only: an 8-device list without 8 devices
   with pytest.raises(ValueError, match=r"num_particles=3 is not a multiple.*=2.*\[1\]"):
@@ -224,57 +312,3 @@ def test_batch_not_divisible_by_the_data_axis_is_refused():
   distributed.check_batch_size(128, types.SimpleNamespace(data_axis=4))
   with pytest.raises(ValueError, match=r"batch_size=100 is not divisible .*\(8 devices"):
     distributed.check_batch_size(100, types.SimpleNamespace(data_axis=8))
-
-
-def test_a_process_dying_mid_run_stops_the_other_with_a_clear_error_and_resume_works(tmp_path):
-  work = tmp_path / "work"
-  port = _free_port()
-
-  def launch(i):
-    return subprocess.Popen(
-      [
-        sys.executable,
-        "-m",
-        "swamp_jax",
-        "--config",
-        "configs/digits.py",
-        f"--workdir={work}",
-        f"--coordinator_address=localhost:{port}",
-        "--num_processes=2",
-        f"--process_id={i}",
-        "--cpu_collectives=gloo",
-        "--heartbeat_timeout_seconds=10",
-        "--config.num_particles=2",
-        "--config.model.name=lenet300_100",
-        "--config.num_rounds=2",
-        "--config.epochs_per_round=1",
-        "--config.progress=False",
-        "--config.checkpoint.every_steps=10",
-      ],
-      cwd=REPO,
-      env=_env(1),
-      stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-
-  procs = [launch(0), launch(1)]
-  try:
-    deadline = time.time() + 300
-    while time.time() < deadline and not (work / "checkpoints" / "10").exists():
-      assert procs[0].poll() is None and procs[1].poll() is None, "finished before the kill"
-      time.sleep(0.05)
-    procs[1].send_signal(signal.SIGKILL)
-    _, err = procs[0].communicate(timeout=180)  # never a hang
-  finally:
-    for p in procs:
-      p.kill()
-  assert procs[0].returncode != 0
-  assert "heartbeat" in err or "Connection closed by peer" in err, err[-3000:]
-  # Both restarted: the run resumes from its checkpoints and finishes.
-  port = _free_port()
-  procs = [launch(0), launch(1)]
-  for p in procs:
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
-  assert len((work / "results.jsonl").read_text().splitlines()) == 3
