@@ -22,7 +22,9 @@ CLI_OVERRIDES = [
   "--config.num_particles=2",
   "--config.num_rounds=3",
   "--config.epochs_per_round=2",
-  "--config.checkpoint.every_steps=4",
+  # One checkpoint an epoch (11 steps): every piece trained between checkpoints is then
+  # one compiled program of 11 steps, and the kills still land mid-round.
+  "--config.checkpoint.every_steps=11",
   "--config.progress=False",
 ]
 
@@ -70,7 +72,7 @@ def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_result(tmp_pat
 
   # Checkpoint ids count steps trained: 11 dense + 4 rounds x 22 = 99 in all.
   kills = 0
-  for progress in (20, 60):  # kill in round 0 (steps 11-33), then again in round 2 (55-77)
+  for progress in (20, 60):  # kill at 22 in round 0 (steps 11-33), then at 66 in round 2 (55-77)
     proc = _launch(resumed)
     deadline = time.time() + 240
     while time.time() < deadline and max(_checkpoint_steps(resumed), default=-1) < progress:
@@ -99,7 +101,7 @@ def _run_then_remove_final(config, workdir):
 
 
 def test_corrupted_newest_checkpoint_falls_back_to_the_previous_one(tiny_config, tmp_path):
-  tiny_config.checkpoint.every_steps = 5
+  tiny_config.checkpoint.every_steps = 11  # an epoch: one program per piece
   work = tmp_path / "work"
   reference = _run_then_remove_final(tiny_config, work)  # what the uninterrupted run returned
   steps = sorted(_checkpoint_steps(work))
@@ -194,7 +196,7 @@ def test_bit_flip_inside_the_newest_checkpoint_is_caught_by_its_digests(
   tiny_config, tmp_path, caplog
 ):
   tiny_config.num_rounds = 1
-  tiny_config.checkpoint.every_steps = 5
+  tiny_config.checkpoint.every_steps = 11  # an epoch: one program per piece
   reference = swamp_jax.run(tiny_config, str(tmp_path / "reference"))
   work = tmp_path / "work"
   _run_then_remove_final(tiny_config, work)
@@ -284,7 +286,8 @@ def test_second_launch_is_refused_and_ctrl_c_ends_with_one_line_that_says_how_to
     text=True,
   )
   deadline = time.time() + 240
-  while time.time() < deadline and max(_checkpoint_steps(work), default=-1) < 40:
+  # Past the dense phase (11 steps), saving at every step.
+  while time.time() < deadline and max(_checkpoint_steps(work), default=-1) < 12:
     assert first.poll() is None, first.stderr.read()
     time.sleep(0.05)
   second = subprocess.run(

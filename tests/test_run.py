@@ -251,41 +251,6 @@ def test_every_shipped_config_is_valid():
     json.loads(config.to_json_best_effort())
 
 
-_RUN_ON_4_DEVICES = """
-import sys
-import jax
-from tests.conftest import create_tiny_config
-import swamp_jax
-assert jax.device_count() == 4
-swamp_jax.run(create_tiny_config(num_rounds=0, epochs_per_round=1), sys.argv[1])
-"""
-
-
-def test_models_saved_on_4_devices_load_on_1(tmp_path):
-  proc = subprocess.run(
-    [sys.executable, "-c", _RUN_ON_4_DEVICES, str(tmp_path)],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=300,
-    env={
-      **os.environ,
-      "JAX_PLATFORMS": "cpu",
-      "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-      "PYTHONPATH": str(REPO),
-    },
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert jax.device_count() == 1
-  saved = swamp_jax.load_round_model(str(tmp_path), 0)
-  assert saved["particle_params"]["fc1"]["kernel"].shape[0] == 2
-  final = swamp_jax.load_final_model(str(tmp_path / "final_model"))
-  for a, b in zip(_leaves(saved["params"]), _leaves(final["params"]), strict=True):
-    np.testing.assert_array_equal(a, b)
-  ticket = swamp_jax.load_final_model(str(tmp_path / "ticket"))
-  assert set(ticket) == {"params", "batch_stats"}
-
-
 def test_a_config_missing_a_group_is_named(tiny_config):
   del tiny_config["mesh"]
   with pytest.raises(ValueError, match="lacks the group 'mesh'.*get_default_config"):

@@ -22,7 +22,7 @@ def _sweep(out, **popen):
     "--config.model.name=lenet300_100",
     "--config.num_rounds=1",
     "--config.epochs_per_round=2",
-    "--config.checkpoint.every_steps=5",
+    "--config.checkpoint.every_steps=11",  # divides the epoch: one program per piece
   ]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   return subprocess.Popen(cmd, cwd=REPO, env=env, text=True, **popen)
