@@ -56,6 +56,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.optimizer.name = "sgd"  # 'sgd', 'adamw', 'adam'; or pass optimizer= to run()
   c.optimizer.learning_rate = 0.1  # peak
   c.optimizer.final_learning_rate = 0.0  # end of the cosine when SWA is off
+  # Linear warm-up over the first warmup_epochs (may be fractional) of the dense phase and of
+  # every round (it restarts at each rewind; optimizers.create_learning_rate_schedule). 0: none.
+  c.optimizer.warmup_epochs = 0.0
   c.optimizer.momentum = 0.9
   c.optimizer.nesterov = True
   c.optimizer.weight_decay = 5e-4
@@ -237,6 +240,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     f"optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate!r}",
   )
   _require(
+    0 <= config.optimizer.warmup_epochs <= config.epochs_per_round,
+    f"optimizer.warmup_epochs must be in [0, epochs_per_round={config.epochs_per_round}], "
+    f"got {config.optimizer.warmup_epochs!r}",
+  )
+  _require(
     config.dataset.augment in ("auto", "yes", "no"),
     f"dataset.augment must be 'auto', 'yes' or 'no', got {config.dataset.augment!r}",
   )
@@ -278,6 +286,13 @@ def swa_start_epoch(config) -> int:
   """
   start = fractions.Fraction(str(config.swa.start))
   return math.floor(start * config.epochs_per_round)
+
+
+def warmup_steps(config, steps_per_epoch: int) -> int:
+  """Steps of ``optimizer.warmup_epochs``: floor(warmup_epochs * steps_per_epoch), in exact
+  decimal arithmetic as ``swa_start_epoch``."""
+  warmup = fractions.Fraction(str(config.optimizer.warmup_epochs))
+  return math.floor(warmup * steps_per_epoch)
 
 
 def count_swa_snapshots(config) -> int:

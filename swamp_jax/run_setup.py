@@ -190,12 +190,15 @@ def create_setup(config, optimizer=None, prune_score=None) -> RunSetup:
   rewind_step = config.rewind_epochs * spe
   end_step = rewind_step + config.epochs_per_round * spe
   swa_start = rewind_step + config_lib.swa_start_epoch(config) * spe if config.swa.enabled else None
+  warmup = config_lib.warmup_steps(config, spe)
   schedule = optimizers.create_learning_rate_schedule(
     config.optimizer.learning_rate,
     end_step,
     swa_start,
     config.swa.learning_rate,
     config.optimizer.final_learning_rate,
+    warmup,
+    rewind_step,
   )
   augment = (
     data_lib.default_augment(dataset.name)
@@ -237,6 +240,8 @@ def create_setup(config, optimizer=None, prune_score=None) -> RunSetup:
     None,
     config.swa.learning_rate,
     config.optimizer.final_learning_rate,
+    warmup,
+    rewind_step,
   )
   pretrain_tx = optimizers.masked(factory(ticket_schedule))
   round_tx = optimizers.masked(factory(optimizers.offset_schedule(schedule, rewind_step)))
