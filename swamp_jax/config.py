@@ -15,7 +15,7 @@ import math
 import ml_collections
 from ml_collections import config_dict
 
-from swamp_jax import masking, optimizers
+from swamp_jax import masking, optimizers, precision
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -35,6 +35,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.model.name = "lenet5"
   c.model.conv_impl = "auto"  # 'auto' (im2col on CPU, XLA conv elsewhere), 'xla', 'im2col'
   c.model.bn_momentum = 0.9
+  # Compute dtype: 'bfloat16' computes forward and backward passes in bf16 while params,
+  # optimizer state, SWA means, averages, masks, BN statistics and losses stay float32.
+  c.model.dtype = "float32"
 
   c.num_particles = 4  # N; 1 gives IMP / IMP+SWA
   c.single_particle_rounds = 0  # SWAMP+: rounds r < this train one particle
@@ -188,6 +191,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(
     0.0 <= config.model.bn_momentum < 1.0,
     f"model.bn_momentum must be in [0, 1), got {config.model.bn_momentum!r}",
+  )
+  _require(
+    config.model.dtype in precision.COMPUTE_DTYPES,
+    f"model.dtype must be one of {precision.COMPUTE_DTYPES}, got {config.model.dtype!r}",
   )
   _require(
     0.0 < config.prune_fraction < 1.0,

@@ -15,6 +15,7 @@ import optax
 from swamp_jax import checkpointing, distributed, imp, masking, models, optimizers, particles
 from swamp_jax import config as config_lib
 from swamp_jax import data as data_lib
+from swamp_jax.precision import with_compute_dtype
 
 
 def resolve_optimizer(config, optimizer) -> optimizers.OptimizerFactory:
@@ -121,9 +122,10 @@ def load_config_dataset(config, train_rows=None) -> data_lib.Dataset:
 
 
 def create_config_model(config, num_classes: int):
-  """``config.model`` as a Flax module."""
+  """``config.model`` as a Flax module, computing in ``config.model.dtype``."""
   m = config.model
-  return models.create_model(m.name, num_classes, m.conv_impl, m.bn_momentum)
+  model = models.create_model(m.name, num_classes, m.conv_impl, m.bn_momentum)
+  return with_compute_dtype(model, m.dtype)
 
 
 def load_data(config, placement: distributed.Placement):
