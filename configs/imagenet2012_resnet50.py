@@ -9,13 +9,16 @@ With 1,281,167 training images, an epoch is 625 steps of 2048 (the last partial 
 dropped), so in whole epochs: rewind 26 epochs = 16,250 steps (16k: 25.6 epochs), rounds of
 77 epochs = 48,125 steps (48k: 76.8 epochs), warm-up 7.68 epochs = exactly 4,800 steps.
 
-Ours, not the recipe's (change them on the command line):
-  * the dense phase to the rewind point follows the run's cosine (with the warm-up), not a
-    constant 0.8;
+Ours, not the recipe's:
+  * the learning rate follows swamp_jax's IMP-with-rewinding schedule: one cosine over the
+    whole run (steps 0..T), the dense phase trains steps 0..T0 of it (not a constant 0.8),
+    and every round resumes it at T0 (about 0.71 there with SWA, 0.68 without), where the
+    recipe starts a fresh cosine from 0.8 each cycle; the warm-up (4,800 steps) restarts at
+    the start of the dense phase and of every round, as the recipe's does every cycle;
   * SWA from 75% of each round at a constant 0.4: the paper's CIFAR ratio of SWA to peak LR
     (0.05 / 0.1) applied to 0.8; --config.swa.enabled=False gives the recipe's plain IMP;
-  * bfloat16 compute (float32 weights, optimizer state, averages and masks): the recipe's
-    accelerators are meant to run it; --config.model.dtype=float32 computes in float32.
+  * bfloat16 compute on the accelerators (float32 weights, optimizer state, averages and
+    masks); --config.model.dtype=float32 computes in float32.
 
 Data: TFDS `imagenet2012` is a manual download. Register at https://image-net.org/download-images,
 put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (not the unlabelled test tar) into
