@@ -25,6 +25,7 @@ from swamp_jax.masking import (
 )
 from swamp_jax.models import create_model
 from swamp_jax.optimizers import MaskedState, create_learning_rate_schedule, masked
+from swamp_jax.precision import MixedPrecisionModel, with_compute_dtype
 from swamp_jax.results import RoundResult, SwampResult
 from swamp_jax.runner import run
 from swamp_jax.saved_runs import load_run
@@ -34,6 +35,7 @@ from swamp_jax.workdir import load_final_model, load_round_model
 __all__ = [
   "Dataset",
   "MaskedState",
+  "MixedPrecisionModel",
   "PruningRule",
   "RoundResult",
   "SWAState",
@@ -69,4 +71,5 @@ __all__ = [
   "retrain_on_saved_mask",
   "run",
   "validate_config",
+  "with_compute_dtype",
 ]

@@ -15,7 +15,7 @@ import math
 import ml_collections
 from ml_collections import config_dict
 
-from swamp_jax import masking, optimizers
+from swamp_jax import masking, optimizers, precision
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -35,6 +35,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.model.name = "lenet5"
   c.model.conv_impl = "auto"  # 'auto' (im2col on CPU, XLA conv elsewhere), 'xla', 'im2col'
   c.model.bn_momentum = 0.9
+  # Compute dtype: 'bfloat16' computes forward and backward passes in bf16 while params,
+  # optimizer state, SWA means, averages, masks, BN statistics and losses stay float32.
+  c.model.dtype = "float32"
 
   c.num_particles = 4  # N; 1 gives IMP / IMP+SWA
   c.single_particle_rounds = 0  # SWAMP+: rounds r < this train one particle
@@ -56,6 +59,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.optimizer.name = "sgd"  # 'sgd', 'adamw', 'adam'; or pass optimizer= to run()
   c.optimizer.learning_rate = 0.1  # peak
   c.optimizer.final_learning_rate = 0.0  # end of the cosine when SWA is off
+  # Linear warm-up over the first warmup_epochs (may be fractional) of the dense phase and of
+  # every round (it restarts at each rewind; optimizers.create_learning_rate_schedule). 0: none.
+  c.optimizer.warmup_epochs = 0.0
   c.optimizer.momentum = 0.9
   c.optimizer.nesterov = True
   c.optimizer.weight_decay = 5e-4
@@ -187,6 +193,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     f"model.bn_momentum must be in [0, 1), got {config.model.bn_momentum!r}",
   )
   _require(
+    config.model.dtype in precision.COMPUTE_DTYPES,
+    f"model.dtype must be one of {precision.COMPUTE_DTYPES}, got {config.model.dtype!r}",
+  )
+  _require(
     0.0 < config.prune_fraction < 1.0,
     f"prune_fraction must be in (0, 1), got {config.prune_fraction!r}",
   )
@@ -237,6 +247,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     f"optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate!r}",
   )
   _require(
+    0 <= config.optimizer.warmup_epochs <= config.epochs_per_round,
+    f"optimizer.warmup_epochs must be in [0, epochs_per_round={config.epochs_per_round}], "
+    f"got {config.optimizer.warmup_epochs!r}",
+  )
+  _require(
     config.dataset.augment in ("auto", "yes", "no"),
     f"dataset.augment must be 'auto', 'yes' or 'no', got {config.dataset.augment!r}",
   )
@@ -278,6 +293,13 @@ def swa_start_epoch(config) -> int:
   """
   start = fractions.Fraction(str(config.swa.start))
   return math.floor(start * config.epochs_per_round)
+
+
+def warmup_steps(config, steps_per_epoch: int) -> int:
+  """Steps of ``optimizer.warmup_epochs``: floor(warmup_epochs * steps_per_epoch), in exact
+  decimal arithmetic as ``swa_start_epoch``."""
+  warmup = fractions.Fraction(str(config.optimizer.warmup_epochs))
+  return math.floor(warmup * steps_per_epoch)
 
 
 def count_swa_snapshots(config) -> int:

@@ -66,6 +66,8 @@ def create_learning_rate_schedule(
   swa_start_step: int | None,
   swa_learning_rate: float,
   final_learning_rate: float = 0.0,
+  warmup_steps: int = 0,
+  rewind_step: int = 0,
 ) -> optax.Schedule:
   """The per-run schedule over global steps [0, total_steps].
 
@@ -73,17 +75,38 @@ def create_learning_rate_schedule(
   ``swa_learning_rate`` at ``swa_start_step``, then constant. Without SWA:
   cosine from the peak down to ``final_learning_rate`` at ``total_steps``.
   Every IMP round trains steps T0..T of this same schedule.
+
+  With ``warmup_steps`` W > 0 that schedule is multiplied by a linear ramp
+  ``min(1, (k + 1) / W)``, k counting the steps since the start of the phase:
+  step 0 for the dense phase before the ticket, ``rewind_step`` T0 for every
+  round. W = 0 returns the schedule above unchanged.
   """
   if swa_start_step is None:
-    return optax.cosine_decay_schedule(
+    schedule = optax.cosine_decay_schedule(
       peak_learning_rate, max(total_steps, 1), alpha=final_learning_rate / peak_learning_rate
     )
-  cosine = optax.cosine_decay_schedule(
-    peak_learning_rate, max(swa_start_step, 1), alpha=swa_learning_rate / peak_learning_rate
-  )
-  return optax.join_schedules(
-    [cosine, optax.constant_schedule(swa_learning_rate)], boundaries=[swa_start_step]
-  )
+  else:
+    cosine = optax.cosine_decay_schedule(
+      peak_learning_rate, max(swa_start_step, 1), alpha=swa_learning_rate / peak_learning_rate
+    )
+    schedule = optax.join_schedules(
+      [cosine, optax.constant_schedule(swa_learning_rate)], boundaries=[swa_start_step]
+    )
+  if warmup_steps <= 0:
+    return schedule
+
+  # The warm-up restarts at every rewind, rather than being replayed once as part of steps
+  # 0..T: each round starts a fresh optimizer state (no momentum) on a freshly pruned ticket, the
+  # instability that warm-up exists for at large batch (Goyal et al. 2017), and the co-author
+  # ImageNet recipe (../shared/SWAMP.md) warms up every IMP cycle (10% of its 48k iterations).
+  # A rewind point past W would otherwise leave every round without any warm-up.
+  def warmed_up(step):
+    step = jnp.asarray(step)
+    since_phase_start = jnp.where(step >= rewind_step, step - rewind_step, step)
+    ramp = jnp.minimum(1.0, (since_phase_start + 1) / warmup_steps)
+    return schedule(step) * ramp
+
+  return warmed_up
 
 
 def offset_schedule(schedule: optax.Schedule, offset: int) -> optax.Schedule:

@@ -16,6 +16,7 @@ import optax
 from swamp_jax import checkpointing, distributed, imp, masking, models, optimizers, particles
 from swamp_jax import config as config_lib
 from swamp_jax import data as data_lib
+from swamp_jax.precision import with_compute_dtype
 
 
 def resolve_optimizer(config, optimizer) -> optimizers.OptimizerFactory:
@@ -130,9 +131,10 @@ def load_config_dataset(config, train_rows=None) -> data_lib.Dataset:
 
 
 def create_config_model(config, num_classes: int):
-  """``config.model`` as a Flax module."""
+  """``config.model`` as a Flax module, computing in ``config.model.dtype``."""
   m = config.model
-  return models.create_model(m.name, num_classes, m.conv_impl, m.bn_momentum)
+  model = models.create_model(m.name, num_classes, m.conv_impl, m.bn_momentum)
+  return with_compute_dtype(model, m.dtype)
 
 
 def load_data(config, placement: distributed.Placement):
@@ -199,12 +201,15 @@ def create_setup(config, optimizer=None, prune_score=None) -> RunSetup:
   rewind_step = config.rewind_epochs * spe
   end_step = rewind_step + config.epochs_per_round * spe
   swa_start = rewind_step + config_lib.swa_start_epoch(config) * spe if config.swa.enabled else None
+  warmup = config_lib.warmup_steps(config, spe)
   schedule = optimizers.create_learning_rate_schedule(
     config.optimizer.learning_rate,
     end_step,
     swa_start,
     config.swa.learning_rate,
     config.optimizer.final_learning_rate,
+    warmup,
+    rewind_step,
   )
   augment = (
     data_lib.default_augment(dataset.name)
@@ -248,6 +253,8 @@ def create_setup(config, optimizer=None, prune_score=None) -> RunSetup:
     None,
     config.swa.learning_rate,
     config.optimizer.final_learning_rate,
+    warmup,
+    rewind_step,
   )
   pretrain_tx = optimizers.masked(factory(ticket_schedule))
   round_tx = optimizers.masked(factory(optimizers.offset_schedule(schedule, rewind_step)))

@@ -203,3 +203,33 @@ def test_every_batch_norm_honours_momentum(name):
   # Two compiled programs: each layer's statistics pass through every layer before it
   # (at most 43 reductions in sequence, of up to 3x3x512 terms in VGG-11).
   _assert_trees_close(updated["batch_stats"], expected, equivalence.training_rtol(1, 4608, 43))
+
+
+IMAGENET = (1, 224, 224, 3)
+
+
+def test_resnet50_matches_torchvision_count_and_v1_5_layout():
+  """torchvision's resnet50(): 25,557,032 params for 1,000 classes; the stride of a
+  downsampling block sits in its 3x3 conv (v1.5), 224x224 input ends in 7x7x2048."""
+  model = create_model("resnet50", 1000, conv_impl="xla")
+  variables = _shapes(model, IMAGENET)
+  params = variables["params"]
+  assert count_params(params) == 25_557_032
+  for stage, blocks in enumerate((3, 4, 6, 3), start=1):
+    assert sum(k.startswith(f"stage{stage}_") for k in params) == blocks
+  assert params["stem_conv"]["kernel"].shape == (7, 7, 3, 64)
+  assert params["head"]["kernel"].shape == (2048, 1000)
+  assert (
+    "shortcut_conv" in params["stage1_block1"] and "shortcut_conv" not in params["stage1_block2"]
+  )
+  _, state = jax.eval_shape(
+    lambda v: model.apply(
+      v, jnp.zeros(IMAGENET), train=False, capture_intermediates=True, mutable=["intermediates"]
+    ),
+    variables,
+  )
+  block = state["intermediates"]["stage2_block1"]
+  assert block["conv1"]["__call__"][0].shape == (1, 56, 56, 128)  # 1x1 conv keeps 56x56
+  assert block["conv2"]["__call__"][0].shape == (1, 28, 28, 128)  # the 3x3 conv strides
+  last = state["intermediates"]["stage4_block3"]["__call__"][0]
+  assert last.shape == (1, 7, 7, 2048)

@@ -69,3 +69,38 @@ def test_schedule_cosine_to_swa_lr_then_constant_and_resumes_at_rewind():
   no_swa = optimizers.create_learning_rate_schedule(0.1, 100, None, 0.01, final_learning_rate=0.0)
   assert float(no_swa(100)) == pytest.approx(0.0, abs=1e-8)
   assert float(no_swa(50)) == pytest.approx(0.05, rel=1e-5)
+
+
+def _values(schedule, steps):
+  return np.asarray(jax.jit(schedule)(jnp.asarray(steps, jnp.int32)))
+
+
+@pytest.mark.parametrize("swa_start", [None, 14])
+def test_zero_warmup_is_the_schedule_without_warmup_bit_for_bit(swa_start):
+  # The pre-warm-up schedule, built here from optax directly.
+  if swa_start is None:
+    expected = optax.cosine_decay_schedule(0.8, 20, alpha=0.1 / 0.8)
+  else:
+    expected = optax.join_schedules(
+      [optax.cosine_decay_schedule(0.8, 14, alpha=0.05 / 0.8), optax.constant_schedule(0.05)],
+      [14],
+    )
+  schedule = optimizers.create_learning_rate_schedule(
+    0.8, 20, swa_start, 0.05, 0.1, warmup_steps=0, rewind_step=6
+  )
+  steps = np.arange(21)
+  np.testing.assert_array_equal(_values(schedule, steps), _values(expected, steps))
+
+
+def test_warmup_ramps_linearly_at_the_start_and_again_at_every_rewind():
+  base = optimizers.create_learning_rate_schedule(1.0, 20, 14, 0.05)
+  warmed = optimizers.create_learning_rate_schedule(
+    1.0, 20, 14, 0.05, warmup_steps=4, rewind_step=8
+  )
+  steps = np.arange(21)
+  ramp = np.ones(21)
+  ramp[0:4] = ramp[8:12] = [0.25, 0.5, 0.75, 1.0]  # dense phase from 0, rounds from T0 = 8
+  np.testing.assert_allclose(_values(warmed, steps), ramp * _values(base, steps), rtol=1e-6)
+  # A round's optimizer counts from 0 at T0: its first step is the ramp's first.
+  round_schedule = optimizers.offset_schedule(warmed, 8)
+  np.testing.assert_array_equal(_values(round_schedule, steps[:13]), _values(warmed, steps[8:]))

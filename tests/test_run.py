@@ -197,6 +197,9 @@ BAD_INPUTS = [
   ("num_particles", True, ValueError, "num_particles' must be an integer, got True"),
   ("model.bn_momentum", 2.0, ValueError, r"bn_momentum must be in \[0, 1\)"),
   ("mesh.data_axis", 3, ValueError, "data_axis=3 needs at least 3 devices, but 1 are"),
+  ("model.dtype", "float16", ValueError, "model.dtype must be one of"),
+  ("optimizer.warmup_epochs", -1, ValueError, r"warmup_epochs must be in \[0, epochs_per_round"),
+  ("optimizer.warmup_epochs", 3, ValueError, r"warmup_epochs must be in \[0, epochs_per_round=2"),
 ]
 
 
