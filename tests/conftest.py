@@ -119,3 +119,51 @@ def compute_once_per_session(tmp_path_factory, name: str, compute):
       compute(folder)
       (folder / ".complete").touch()
   return folder
+
+
+# The slowest tests (seconds on 2 idle cores, from the README command's --durations), and
+# the once-per-session run each waits for (compute_once_per_session). The suite runs on two
+# pytest-xdist workers with --dist worksteal, which hands each worker one half of the
+# collection and lets an idle worker take tests from the end of the other's queue. So the
+# order below puts about half of the slow work at the start of each half (never the same
+# shared run in both halves: one worker would wait for the other's), and the quick tests
+# after them, where they fill the end. Serial runs just see another order.
+_SLOW_TESTS = {
+  "test_two_processes_with_batchnorm_give_the_result_of_one": ("two_process_run", 90),
+  "test_two_processes_killed_mid_round_resume_to_the_uninterrupted_result": (
+    "two_process_run",
+    90,
+  ),
+  "test_mesh_of_4_particles_by_2_data_equals_one_device": ("sharded_run", 70),
+  "test_checkpoint_from_an_8_device_mesh_resumes_on_one_device": ("sharded_run", 10),
+  "test_models_saved_on_an_8_device_mesh_load_on_1": ("sharded_run", 1),
+  "test_analyses_of_a_sweep_folder": ("saved_runs", 55),
+  "test_batchnorm_steps_with_the_batch_split_over_data_equal_one_device": (None, 68),
+  "test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_result": (None, 60),
+  "test_a_killed_sweep_resumes_its_interrupted_run_and_skips_finished_ones": (None, 38),
+  "test_second_launch_is_refused_and_ctrl_c_ends_with_one_line_that_says_how_to_resume": (
+    None,
+    30,
+  ),
+}
+
+
+def pytest_collection_modifyitems(session, config, items):
+  groups = {}  # group -> [cost, items]
+  quick = []
+  for item in items:
+    group, seconds = _SLOW_TESTS.get(item.originalname, (None, 0))
+    if not seconds:
+      quick.append(item)
+      continue
+    entry = groups.setdefault(group or item.nodeid, [0, []])
+    entry[0] += seconds
+    entry[1].append(item)
+  halves = [[0, []], [0, []]]
+  for cost, members in sorted(groups.values(), key=lambda g: -g[0]):
+    half = min(halves, key=lambda h: h[0])  # the longest group to the lighter half
+    half[0] += cost
+    half[1].extend(members)
+  first, second = halves[0][1], halves[1][1]
+  fill = max(0, len(items) // 2 - len(first))  # worksteal's first half: len(items) // 2 tests
+  items[:] = first + quick[:fill] + second + quick[fill:]
