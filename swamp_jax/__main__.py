@@ -75,6 +75,8 @@ def _check_command_line(argv) -> None:
       continue
     group, prefix = config_lib.get_default_config(), ""
     for name in override.group(1).split("."):
+      if prefix.rstrip(".") in config_lib.FREE_GROUPS:
+        break  # a model option: the config file defines it (config_flags says if not)
       if not hasattr(group, "keys") or name not in group:
         hint = config_lib.suggest_field(
           prefix, name, group.keys() if hasattr(group, "keys") else []

@@ -35,6 +35,11 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.model.name = "lenet5"
   c.model.conv_impl = "auto"  # 'auto' (im2col on CPU, XLA conv elsewhere), 'xla', 'im2col'
   c.model.bn_momentum = 0.9
+  # Keyword arguments of the model's factory (swamp_jax.register_model), any names: a
+  # registered model's own hyperparameters live here, in the config, so that saved runs
+  # and analyses rebuild exactly the trained model from config.json. conv_impl and
+  # bn_momentum above are passed too, to factories that take arguments of those names.
+  c.model.options = ml_collections.ConfigDict()
 
   c.num_particles = 4  # N; 1 gives IMP / IMP+SWA
   c.single_particle_rounds = 0  # SWAMP+: rounds r < this train one particle
@@ -144,8 +149,16 @@ def suggest_field(prefix: str, key: str, known) -> str:
   return f"; did you mean {prefix + close[0]!r}?" if close else ""
 
 
+# Groups whose fields are the user's (a model factory's keyword arguments): not checked here.
+FREE_GROUPS = ("model.options",)
+
+
 def _check_fields(config, defaults, prefix=""):
   for key in config:
+    if prefix + key in FREE_GROUPS:
+      if not isinstance(config[key], ml_collections.ConfigDict | dict):
+        raise ValueError(f"config field {prefix + key!r} must be a group of fields (a dict)")
+      continue
     if key not in defaults:
       hint = suggest_field(prefix, key, defaults.keys())
       raise ValueError(f"unknown config field {prefix + key!r}{hint}")
