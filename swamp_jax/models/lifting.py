@@ -48,7 +48,7 @@ class NnxModel:
     _, params, batch_stats = nnx.split(module, nnx.Param, nnx.BatchStat)
     variables = {"params": params, "batch_stats": batch_stats}
     for name, state in variables.items():
-      pure = state.to_pure_dict()
+      pure = nnx.to_pure_dict(state)
       # apply() rebuilds the state from the pure dict's leaves in this order: check it is one.
       if any(
         a is not b for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(pure), strict=True)

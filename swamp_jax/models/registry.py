@@ -40,7 +40,9 @@ def register_model(name: str, factory: Callable) -> None:
       a name again replaces the earlier factory (re-running a notebook cell).
     factory: ``factory(num_classes, **options) -> Module``. ``options`` are
       ``config.model.options``, plus ``conv_impl`` and ``bn_momentum`` from
-      ``config.model`` where the factory has arguments of those names.
+      ``config.model`` where the factory has arguments of those names. A factory
+      taking ``rngs`` (an NNX module's constructor) is called with ``nnx.Rngs`` of
+      the run's init key, so the seed sets the initialization.
 
   Example:
     >>> swamp_jax.register_model("my_mlp", lambda num_classes, width=64: MyMLP(width, num_classes))
@@ -107,30 +109,40 @@ def create_model(name: str, num_classes: int, *args, **options):
       factory does not take (its signature is shown).
   """
   factory = get_factory(name)
-  try:
-    signature = inspect.signature(factory)
-  except (TypeError, ValueError):  # some builtins and C callables have none
-    signature = None
+  signature = _signature(factory)
+  # An NNX factory: called with ``rngs`` of the run's init key when the run initializes.
+  takes_rngs = signature is not None and "rngs" in signature.parameters and "rngs" not in options
   if signature is not None:
     try:
-      signature.bind(num_classes, *args, **options)
+      signature.bind(num_classes, *args, **options, **({"rngs": None} if takes_rngs else {}))
     except TypeError as e:
       raise ValueError(
         f"model {name!r} does not take these options {options or args} ({e}); its factory "
         f"is {name}{signature} (set options in config.model.options)"
       ) from e
-  if signature is not None and "rngs" in signature.parameters and "rngs" not in options:
-    # An NNX factory: it is called again with the run's seed when the run initializes.
+  if takes_rngs:
     return lifting.create_nnx_model(factory, num_classes, *args, **options)
   return lifting.as_functional(factory(num_classes, *args, **options))
 
 
+def _signature(factory: Callable) -> inspect.Signature | None:
+  """The arguments ``factory(...)`` takes; for a class, its ``__init__``'s (an nnx.Module's
+  metaclass ``__call__`` would show only ``*args, **kwargs``)."""
+  try:
+    if isinstance(factory, type):
+      signature = inspect.signature(factory.__init__)
+      return signature.replace(parameters=list(signature.parameters.values())[1:])
+    return inspect.signature(factory)
+  except (TypeError, ValueError):  # some builtins and C callables have none
+    return None
+
+
 def accepts_argument(factory: Callable, name: str) -> bool:
   """Whether ``factory`` takes a keyword argument ``name`` (or any, via ``**kwargs``)."""
-  try:
-    parameters = inspect.signature(factory).parameters.values()
-  except (TypeError, ValueError):
+  signature = _signature(factory)
+  if signature is None:
     return False
+  parameters = signature.parameters.values()
   return any(
     p.kind == p.VAR_KEYWORD
     or (p.name == name and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
