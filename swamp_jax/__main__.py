@@ -92,6 +92,14 @@ def _parse_flags(argv):
   except Exception as e:
     if _show_traceback(argv):
       raise
+    options = [a for a in argv if re.match(r"--config\.model\.options\.\w+", a)]
+    if options and isinstance(e, AttributeError | KeyError):
+      _fail(
+        f"{options[0]}: the config file sets no such model option; config.model.options "
+        "are the model factory's keyword arguments, and the command line overrides only "
+        "those the config file sets",
+        2,
+      )
     _fail(_one_line(e), 2)
 
 

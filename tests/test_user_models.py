@@ -100,8 +100,9 @@ def test_vit_prunes_its_attention_kernels_layerwise_at_exact_counts(vit_run):
     assert mask.ndim == 3  # DenseGeneral: [in, heads, head_dim] or [heads, head_dim, out]
     assert mask.size - mask.sum() == round(0.2 * mask.size)
     assert np.all(np.asarray(vit_run.params["attention"][name]["kernel"])[~mask] == 0)
-  table = np.asarray(vit_run.mask["position"]["embedding"])  # an Embed table, via prune_leaves
-  assert table.size - table.sum() == round(0.2 * table.size)
+  for leaf in (vit_run.mask["position"]["embedding"], vit_run.mask["patch_embed"]["kernel"]):
+    leaf = np.asarray(leaf)  # an Embed table (via prune_leaves) and a 4-D conv kernel
+    assert leaf.size - leaf.sum() == round(0.2 * leaf.size)
   assert np.all(vit_run.mask["bn"]["scale"])  # norms stay dense
   assert [r.num_particles for r in vit_run.rounds] == [4, 4]
 
