@@ -23,7 +23,7 @@ from swamp_jax.masking import (
   compute_sparsity,
   create_dense_mask,
 )
-from swamp_jax.models import create_model
+from swamp_jax.models import create_model, register_model
 from swamp_jax.optimizers import MaskedState, create_learning_rate_schedule, masked
 from swamp_jax.precision import MixedPrecisionModel, with_compute_dtype
 from swamp_jax.results import RoundResult, SwampResult
@@ -67,6 +67,7 @@ __all__ = [
   "load_run",
   "masked",
   "recompute_batch_stats",
+  "register_model",
   "retrain_on_mask",
   "retrain_on_saved_mask",
   "run",

@@ -75,6 +75,8 @@ def _check_command_line(argv) -> None:
       continue
     group, prefix = config_lib.get_default_config(), ""
     for name in override.group(1).split("."):
+      if prefix.rstrip(".") in config_lib.FREE_GROUPS:
+        break  # a model option: the config file defines it (config_flags says if not)
       if not hasattr(group, "keys") or name not in group:
         hint = config_lib.suggest_field(
           prefix, name, group.keys() if hasattr(group, "keys") else []
@@ -90,6 +92,14 @@ def _parse_flags(argv):
   except Exception as e:
     if _show_traceback(argv):
       raise
+    options = [a for a in argv if re.match(r"--config\.model\.options\.\w+", a)]
+    if options and isinstance(e, AttributeError | KeyError):
+      _fail(
+        f"{options[0]}: the config file sets no such model option; config.model.options "
+        "are the model factory's keyword arguments, and the command line overrides only "
+        "those the config file sets",
+        2,
+      )
     _fail(_one_line(e), 2)
 
 

@@ -4,10 +4,16 @@ Averaged weights need statistics of their own: neither any particle's
 running statistics nor their mean describe the activations of the average.
 As in SWA's ``update_bn``: reset, then one train-mode pass over training
 batches, the statistic being the plain mean of per-batch statistics.
+
+Any model's BatchNorm layers qualify, whatever their momentum: each train-mode
+call runs every ``flax.linen.BatchNorm`` (``nn.intercept_methods``) or
+``nnx.BatchNorm`` (``models.NnxModel``) at momentum 0, so its new running
+statistics are exactly that batch's.
 """
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -30,8 +36,8 @@ def recompute_batch_stats(
   """Fresh BatchNorm statistics of ``params`` from training batches.
 
   Args:
-    model: the Flax module. Its ``bn_momentum`` field is set to 0 here so
-      that one train-mode call returns exactly that batch's statistics.
+    model: the model (``models.as_functional`` form); its BatchNorm layers
+      may have any momentum (``compute_batch_statistics``).
     params: weights without particle axis (vmap for several).
     batch_stats: current statistics; only their structure is used. An empty
       collection (a model without BatchNorm) is returned unchanged.
@@ -53,15 +59,44 @@ def recompute_batch_stats(
   num_batches = available if num_batches <= 0 else min(num_batches, available)
   order = jax.random.permutation(jax.random.key(_BN_ORDER_SEED), n)[: num_batches * batch_size]
   order = order.reshape(num_batches, batch_size)
-  probe = model.clone(bn_momentum=0.0)
 
   def body(total, idx):
     x = data_lib.preprocess(images[idx], mean, std)
-    _, new = probe.apply(
-      {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
-    )
-    return jax.tree_util.tree_map(jnp.add, total, new["batch_stats"]), None
+    new = compute_batch_statistics(model, {"params": params, "batch_stats": batch_stats}, x)
+    return jax.tree_util.tree_map(jnp.add, total, new), None
 
   zeros = jax.tree_util.tree_map(jnp.zeros_like, batch_stats)
   total, _ = jax.lax.scan(body, zeros, order)
   return jax.tree_util.tree_map(lambda t: t / num_batches, total)
+
+
+def _at_momentum_zero(next_fun, args, kwargs, context):
+  if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+    # The bound module is this apply's own copy: its momentum is read inside __call__
+    # (running = momentum * old + (1 - momentum) * batch), so 0 leaves exactly the batch's.
+    saved = context.module.momentum
+    object.__setattr__(context.module, "momentum", 0.0)
+    try:
+      return next_fun(*args, **kwargs)
+    finally:
+      object.__setattr__(context.module, "momentum", saved)
+  return next_fun(*args, **kwargs)
+
+
+def compute_batch_statistics(model, variables, x):
+  """The BatchNorm statistics of batch ``x`` alone: a train-mode call with every
+  BatchNorm at momentum 0, whatever momentum the model gave it.
+
+  Args:
+    model: a flax.linen.Module or a ``models.NnxModel``.
+    variables: ``{'params': ..., 'batch_stats': ...}`` without particle axis.
+    x: a preprocessed batch [b, ...].
+
+  Returns:
+    The ``batch_stats`` pytree of ``x``'s statistics.
+  """
+  if hasattr(model, "compute_batch_statistics"):
+    return model.compute_batch_statistics(variables, x)
+  with nn.intercept_methods(_at_momentum_zero):
+    _, new = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  return new["batch_stats"]

@@ -38,6 +38,11 @@ def get_default_config() -> ml_collections.ConfigDict:
   # Compute dtype: 'bfloat16' computes forward and backward passes in bf16 while params,
   # optimizer state, SWA means, averages, masks, BN statistics and losses stay float32.
   c.model.dtype = "float32"
+  # Keyword arguments of the model's factory (swamp_jax.register_model), any names: a
+  # registered model's own hyperparameters live here, in the config, so that saved runs
+  # and analyses rebuild exactly the trained model from config.json. conv_impl and
+  # bn_momentum above are passed too, to factories that take arguments of those names.
+  c.model.options = ml_collections.ConfigDict()
 
   c.num_particles = 4  # N; 1 gives IMP / IMP+SWA
   c.single_particle_rounds = 0  # SWAMP+: rounds r < this train one particle
@@ -150,8 +155,16 @@ def suggest_field(prefix: str, key: str, known) -> str:
   return f"; did you mean {prefix + close[0]!r}?" if close else ""
 
 
+# Groups whose fields are the user's (a model factory's keyword arguments): not checked here.
+FREE_GROUPS = ("model.options",)
+
+
 def _check_fields(config, defaults, prefix=""):
   for key in config:
+    if prefix + key in FREE_GROUPS:
+      if not isinstance(config[key], ml_collections.ConfigDict | dict):
+        raise ValueError(f"config field {prefix + key!r} must be a group of fields (a dict)")
+      continue
     if key not in defaults:
       hint = suggest_field(prefix, key, defaults.keys())
       raise ValueError(f"unknown config field {prefix + key!r}{hint}")

@@ -67,6 +67,19 @@ class MixedPrecisionModel:
     out = self.module.apply(variables, _cast_floats(x, dtype), *args, **kwargs)
     return _to_float32(out, dtype)
 
+  def compute_batch_statistics(self, variables, x):
+    """``batchnorm.compute_batch_statistics`` of the module, computing as ``apply`` does
+    (an NNX module's own method would otherwise skip the cast)."""
+    from swamp_jax import batchnorm
+
+    dtype = jnp.dtype(self.compute_dtype)
+    variables = {
+      name: _cast_floats(collection, dtype) if name == "params" else collection
+      for name, collection in variables.items()
+    }
+    stats = batchnorm.compute_batch_statistics(self.module, variables, _cast_floats(x, dtype))
+    return _to_float32(stats, dtype)
+
   def clone(self, **updates) -> MixedPrecisionModel:
     return dataclasses.replace(self, module=self.module.clone(**updates))
 

@@ -4,7 +4,6 @@ learning-rate schedule, optimizer, and the jitted round programs."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 
 import jax
@@ -131,10 +130,11 @@ def load_config_dataset(config, train_rows=None) -> data_lib.Dataset:
 
 
 def create_config_model(config, num_classes: int):
-  """``config.model`` as a Flax module, computing in ``config.model.dtype``."""
-  m = config.model
-  model = models.create_model(m.name, num_classes, m.conv_impl, m.bn_momentum)
-  return with_compute_dtype(model, m.dtype)
+  """``config.model`` as a model in the functional form (``models.create_configured_model``),
+  computing in ``config.model.dtype``."""
+  return with_compute_dtype(
+    models.create_configured_model(config.model, num_classes), config.model.dtype
+  )
 
 
 def load_data(config, placement: distributed.Placement):
@@ -179,9 +179,12 @@ def load_data(config, placement: distributed.Placement):
   return dataset, train, eval_data, num_train
 
 
-def create_setup(config, optimizer=None, prune_score=None) -> RunSetup:
+def create_setup(config, optimizer=None, prune_score=None, model=None) -> RunSetup:
   """Everything a run derives from its config before training: mesh, data on it,
   model, schedule, optimizer and the jitted round programs.
+
+  ``model`` (a linen or nnx module) replaces ``config.model``; either is checked
+  against the model contract (``models.check_model``) before any training.
 
   ``prune_score`` (``(params, prunable) -> scores``, higher keeps) replaces
   ``config.prune_criterion``; it is checked on the initial params here
@@ -191,7 +194,10 @@ def create_setup(config, optimizer=None, prune_score=None) -> RunSetup:
   factory = resolve_optimizer(config, optimizer)
   placement = create_placement(config)
   dataset, train_data, eval_data, num_train = load_data(config, placement)
-  model = create_config_model(config, dataset.num_classes)
+  if model is None:
+    model = create_config_model(config, dataset.num_classes)
+  else:  # a model of the user's, in the config's compute dtype as the config's model
+    model = with_compute_dtype(models.as_functional(model), config.model.dtype)
   spe = data_lib.steps_per_epoch(num_train, config.batch_size)
   if spe < 1:
     raise ValueError(
@@ -225,9 +231,13 @@ def create_setup(config, optimizer=None, prune_score=None) -> RunSetup:
   )
   # The dense phase before the ticket: one network, no SWA.
   pretrain_spec = dataclasses.replace(spec, swa_start_step=rewind_step + 1)
-  # Under jit: one program, instead of one compiled per initializer and layer when eager.
-  variables = jax.jit(functools.partial(model.init, train=False))(
-    imp.init_key(config.seed), jnp.zeros((1, *dataset.image_shape), jnp.float32)
+  variables = models.check_model(
+    model,
+    dataset.image_shape,
+    dataset.num_classes,
+    imp.init_key(config.seed),
+    config.prune_leaves,
+    config.prune_exclude,
   )
   params, batch_stats = placement.replicate((variables["params"], variables.get("batch_stats", {})))
   prunable = masking.compute_prunable(params, config.prune_exclude, config.prune_leaves)

@@ -232,6 +232,7 @@ def run(
   workdir: str | None = None,
   optimizer: optimizers.OptimizerFactory | optax.GradientTransformation | None = None,
   *,
+  model=None,
   prune_score=None,
 ) -> results_lib.SwampResult:
   """Runs SWAMP as configured and returns its per-round results and final model.
@@ -254,6 +255,18 @@ def run(
       gets SWAMP's learning-rate schedule, resumed at the rewind step each
       round) or a fixed ``optax.GradientTransformation``. It is wrapped with
       ``optimizers.masked``; None builds ``config.optimizer``.
+    model: your own model, replacing ``config.model``: a ``flax.linen.Module``
+      whose ``__call__(x, train: bool)`` returns logits [batch, classes]
+      (BatchNorm statistics, if any, in ``batch_stats``), or a
+      ``flax.nnx.Module`` with the same ``__call__`` (lifted with
+      ``nnx.split``/``nnx.merge``; its weights are the initialization). It is
+      checked (``models.check_model``) before anything is written. A model
+      object cannot be rebuilt from a config: the saved ``config.json`` names
+      it ``'<passed to run(model=...)> ClassName'``, and saved-run analyses
+      refuse it with an error saying to register it instead
+      (``swamp_jax.register_model``, then ``config.model.name``), which is
+      how a model is made rebuildable everywhere. Resuming needs the same
+      model passed again.
     prune_score: your own pruning rule, ``prune_score(params, prunable) ->
       scores``: a pytree with the structure of params whose prunable leaves
       are float arrays of the params' shapes (higher keeps; other leaves are
@@ -268,8 +281,10 @@ def run(
 
   Raises:
     ValueError: a config field is unknown or out of range, the model or
-      dataset name is unknown, or ``prune_score``'s scores do not fit the
-      params (the leaf is named).
+      dataset name is unknown, the model breaks the contract (no ``train``
+      argument, logits not [batch, classes], fewer logits than classes, no
+      prunable weights: the part is named), or ``prune_score``'s scores do
+      not fit the params (the leaf is named).
     FileExistsError: ``workdir`` holds a finished run and not ``overwrite``,
       or is a file.
     workdir.WorkdirInUseError: another process is running in ``workdir``.
@@ -281,11 +296,18 @@ def run(
   # Everything that can be checked is checked before anything is written.
   config_lib.validate_config(config)
   run_setup.resolve_optimizer(config, optimizer)
-  models.create_model(config.model.name, 10)  # unknown model names
+  if model is None:
+    models.get_factory(config.model.name)  # unknown model names
+  else:
+    model = models.as_functional(model)
+    models.check_train_argument(model)
+    config = _name_passed_model(config, model)
   run_setup.check_config_inputs(config)  # the dataset and its splits, the mesh on these devices
   primary = jax.process_index() == 0  # writes the files that are not checkpoints
   if workdir is None:
-    return _run(config, None, run_setup.create_setup(config, optimizer, prune_score), primary)
+    return _run(
+      config, None, run_setup.create_setup(config, optimizer, prune_score, model), primary
+    )
   workdir = os.path.abspath(workdir)
   workdir_lib.check_workdir_path(workdir)
   created = not os.path.exists(workdir)
@@ -294,7 +316,7 @@ def run(
   try:
     # Under the lock (a second launch is refused before it loads anything), but before the
     # workdir is prepared: a bad prune_score fails here, and overwrite has removed nothing.
-    setup = run_setup.create_setup(config, optimizer, prune_score)
+    setup = run_setup.create_setup(config, optimizer, prune_score, model)
     workdir_lib.prepare_workdir(workdir, config.overwrite, primary)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
@@ -324,6 +346,16 @@ def run(
     if lock is not None:
       lock.close()
   return outcome
+
+
+def _name_passed_model(config, model):
+  """A copy of ``config`` whose model name says that ``model`` was passed as an object:
+  written to config.json and the checkpoints, it makes a rebuild by name fail clearly
+  (``models.get_factory``) instead of building ``config.model.name``'s model."""
+  kind = model.module_type if isinstance(model, models.NnxModel) else type(model)
+  config = config.copy_and_resolve_references()
+  config.model.name = f"{models.registry.PASSED_MODEL_PREFIX} {kind.__name__}"
+  return config
 
 
 def _run(config, workdir, setup, primary) -> results_lib.SwampResult:

@@ -31,7 +31,7 @@ class SavedRun(NamedTuple):
   workdir: str
   config: ml_collections.ConfigDict
   dataset: data_lib.Dataset
-  model: object  # the Flax module, as ``run`` built it
+  model: object  # as ``run`` built it (linen, or ``models.NnxModel`` for an NNX model)
 
 
 class SplitArrays(NamedTuple):
