@@ -17,6 +17,7 @@ import optax
 
 from swamp_jax import (
   checkpointing,
+  datasets,
   distributed,
   imp,
   masking,
@@ -232,6 +233,7 @@ def run(
   workdir: str | None = None,
   optimizer: optimizers.OptimizerFactory | optax.GradientTransformation | None = None,
   *,
+  dataset=None,
   prune_score=None,
 ) -> results_lib.SwampResult:
   """Runs SWAMP as configured and returns its per-round results and final model.
@@ -254,6 +256,12 @@ def run(
       gets SWAMP's learning-rate schedule, resumed at the rewind step each
       round) or a fixed ``optax.GradientTransformation``. It is wrapped with
       ``optimizers.masked``; None builds ``config.optimizer``.
+    dataset: your own data, a ``swamp_jax.Dataset`` (``Dataset.from_arrays``,
+      ``Dataset.from_tfds``) replacing ``config.dataset``'s source;
+      ``dataset.validation_size``, ``train_size`` and ``augment`` still
+      apply. Its name, shapes and a digest of its arrays are recorded in
+      the config (``dataset.digest``), so resuming needs the same arrays and
+      analyses of the run take them as ``dataset=``.
     prune_score: your own pruning rule, ``prune_score(params, prunable) ->
       scores``: a pytree with the structure of params whose prunable leaves
       are float arrays of the params' shapes (higher keeps; other leaves are
@@ -268,8 +276,9 @@ def run(
 
   Raises:
     ValueError: a config field is unknown or out of range, the model or
-      dataset name is unknown, or ``prune_score``'s scores do not fit the
-      params (the leaf is named).
+      dataset name is unknown, a split or feature key the dataset lacks (the
+      available ones are named), labels the model's logits cannot hold, or
+      ``prune_score``'s scores do not fit the params (the leaf is named).
     FileExistsError: ``workdir`` holds a finished run and not ``overwrite``,
       or is a file.
     workdir.WorkdirInUseError: another process is running in ``workdir``.
@@ -279,13 +288,20 @@ def run(
       good checkpoint is on disk).
   """
   # Everything that can be checked is checked before anything is written.
+  if dataset is not None:
+    config = datasets.record_dataset(config, dataset)  # a copy: the caller's is unchanged
   config_lib.validate_config(config)
   run_setup.resolve_optimizer(config, optimizer)
   models.create_model(config.model.name, 10)  # unknown model names
-  run_setup.check_config_inputs(config)  # the dataset and its splits, the mesh on these devices
+  # The dataset and its splits (or the in-memory one), the mesh on these devices.
+  run_setup.check_config_inputs(config, dataset)
   primary = jax.process_index() == 0  # writes the files that are not checkpoints
+
+  def create_setup():
+    return run_setup.create_setup(config, optimizer, prune_score, dataset)
+
   if workdir is None:
-    return _run(config, None, run_setup.create_setup(config, optimizer, prune_score), primary)
+    return _run(config, None, create_setup(), primary)
   workdir = os.path.abspath(workdir)
   workdir_lib.check_workdir_path(workdir)
   created = not os.path.exists(workdir)
@@ -294,7 +310,7 @@ def run(
   try:
     # Under the lock (a second launch is refused before it loads anything), but before the
     # workdir is prepared: a bad prune_score fails here, and overwrite has removed nothing.
-    setup = run_setup.create_setup(config, optimizer, prune_score)
+    setup = create_setup()
     workdir_lib.prepare_workdir(workdir, config.overwrite, primary)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
