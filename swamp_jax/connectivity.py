@@ -127,7 +127,7 @@ def compute_linear_connectivity(
   """The path between two solutions on one split of ``dataset``, with its barriers.
 
   Args:
-    dataset: a ``data.Dataset``; BN statistics come from its training split.
+    dataset: a ``datasets.Dataset``; BN statistics come from its training split.
     split: 'test', 'validation' or 'train'.
     Others as ``compute_interpolation_metrics``.
 

@@ -65,7 +65,7 @@ def compute_lottery_pool(
     candidates: K params pytrees of the same structure, visited in order.
     batch_stats: a BN statistics pytree of the model (structure only).
     mask: the target's mask; every point is projected onto it.
-    dataset: a ``data.Dataset`` with a non-empty validation split; BN
+    dataset: a ``datasets.Dataset`` with a non-empty validation split; BN
       statistics come from its training split.
     coefficients: the candidate's share c in (0, 1] tried at each step.
 
