@@ -45,16 +45,8 @@ def read_splits(
   if not builder.is_prepared():
     builder.download_and_prepare()
     check_splits(name, builder, train_split, test_split)
-  read = lambda split: read_split(name, split, data_dir, image_key, label_key)  # noqa: E731
-  if train_rows is not None:
-    if "[" in train_split or "+" in train_split:
-      raise ValueError(
-        f"dataset.train_split={train_split!r} is sliced; each process of a multi-process run "
-        "slices the training split itself, so name a whole split"
-      )
-    train_split = f"{train_split}[{train_rows[0]}:{train_rows[1]}]"
-  x_tr, y_tr = read(train_split)
-  x_te, y_te = read(test_split)
+  x_tr, y_tr = read_split(name, train_split, data_dir, image_key, label_key, train_rows)
+  x_te, y_te = read_split(name, test_split, data_dir, image_key, label_key)
   if cache:
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     tmp = cache + f".tmp{os.getpid()}.npz"
@@ -115,14 +107,17 @@ def check_splits(name: str, builder, train_split: str, test_split: str) -> None:
         )
 
 
-def read_split(name: str, split: str, data_dir, image_key: str, label_key: str):
+def read_split(name: str, split: str, data_dir, image_key: str, label_key: str, rows=None):
+  """Inputs and int64 labels of ``split`` (any TFDS split string, sliced or not);
+  ``rows`` (start, stop): only those rows of it are read."""
   import tensorflow_datasets as tfds
 
   source = tfds.data_source(name, split=split, data_dir=data_dir)
+  start, stop = (0, len(source)) if rows is None else (rows[0], min(rows[1], len(source)))
   images, labels = [], []
   chunk = 4096
-  for start in range(0, len(source), chunk):
-    records = source.__getitems__(list(range(start, min(start + chunk, len(source)))))
+  for first in range(start, stop, chunk):
+    records = source.__getitems__(list(range(first, min(first + chunk, stop))))
     images.append(np.stack([r[image_key] for r in records]))
     labels.append(np.asarray([r[label_key] for r in records], dtype=np.int64))
   return np.concatenate(images), np.concatenate(labels)

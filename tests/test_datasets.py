@@ -278,3 +278,21 @@ def test_auto_augmentation_is_the_datasets_own():
   assert datasets.resolve_augment(config, cifar_like) == "none"
   assert datasets.default_augment("cifar100") == "crop_flip"
   assert datasets.default_augment("mnist") == "none"
+
+
+def test_each_process_reads_only_its_rows_of_a_sliced_tfds_split_or_of_arrays():
+  config = _tiny(dataset__name="mnist", dataset__data_dir=str(SHARED_TFDS), dataset__cache_dir="")
+  config.dataset.train_split, config.dataset.test_split = "train[:1000]", "test[:100]"
+  rows = datasets.load_dataset(config, train_rows=(200, 300))
+  whole = swamp_jax.Dataset.from_tfds("mnist", str(SHARED_TFDS), "train[200:300]", "test[:100]")
+  assert rows.train_images.shape == (100, 28, 28, 1)
+  np.testing.assert_array_equal(rows.train_images, whole.train_images)
+  np.testing.assert_array_equal(rows.train_labels, whole.train_labels)
+  np.testing.assert_array_equal(rows.mean, whole.mean)  # this process's rows' statistics
+  train, test = _digits_arrays()
+  arrays = swamp_jax.Dataset.from_arrays(train=train, test=test)
+  mine = datasets.load_dataset(datasets.record_dataset(_tiny(), arrays), arrays, (10, 20))
+  np.testing.assert_array_equal(mine.train_labels, train[1][10:20])
+  config.dataset.validation_size = 10
+  with pytest.raises(ValueError, match="must be 0 when each process reads only its shard"):
+    datasets.load_dataset(config, train_rows=(200, 300))
