@@ -29,7 +29,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: TFDS default
   c.dataset.cache_dir = "~/.cache/swamp_jax"  # decoded-array cache; '' disables
   c.dataset.train_split = "train"  # the TFDS split trained on
-  c.dataset.test_split = "test"  # the TFDS split reported (e.g. 'validation' for imagenet2012)
+  c.dataset.test_split = "test"  # the TFDS split reported (e.g. 'validation' for imagenet_resized)
   c.dataset.image_key = "image"  # the TFDS feature holding the input
   c.dataset.label_key = "label"  # the TFDS feature holding the label (a ClassLabel)
   c.dataset.validation_size = 0  # held out of train, for choices; test is reported

@@ -137,7 +137,7 @@ class Dataset(NamedTuple):
       name: a TFDS name ('mnist', 'cifar10', 'imagenet_resized/32x32', ...).
       data_dir: TFDS data directory (None: TFDS's default, or $TFDS_DATA_DIR).
       train_split, test_split: the splits trained on and reported (e.g.
-        test_split='validation' for imagenet2012); TFDS slicing such as
+        test_split='validation' for imagenet_resized); TFDS slicing such as
         'train[:90%]' works.
       image_key, label_key: the features holding the input and the label
         (a ``ClassLabel``, which gives ``num_classes``).
