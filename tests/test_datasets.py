@@ -296,3 +296,11 @@ def test_each_process_reads_only_its_rows_of_a_sliced_tfds_split_or_of_arrays():
   config.dataset.validation_size = 10
   with pytest.raises(ValueError, match="must be 0 when each process reads only its shard"):
     datasets.load_dataset(config, train_rows=(200, 300))
+
+
+def test_a_tfds_dataset_of_images_that_vary_in_size_is_refused_before_reading(tmp_path):
+  config = _tiny(dataset__name="imagenette/160px", dataset__data_dir=str(tmp_path / "none"))
+  config.dataset.test_split = "validation"
+  with pytest.raises(ValueError, match=r"vary in shape \(None, None, 3\).*Dataset.from_arrays"):
+    swamp_jax.run(config, str(tmp_path / "work"))
+  assert not (tmp_path / "work").exists() and not (tmp_path / "none").exists()
