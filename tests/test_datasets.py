@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import swamp_jax
-from swamp_jax import checkpointing, datasets, saved_runs
+from swamp_jax import checkpointing, datasets, mask_quality, saved_runs
 from swamp_jax import workdir as workdir_lib
 
 from .conftest import SHARED_TFDS, create_tiny_config
@@ -92,6 +92,15 @@ def test_a_run_on_arrays_is_analysed_with_them_and_refused_without(arrays_run):
     saved_runs.load_run(workdir, other)
   run = saved_runs.load_run(workdir, dataset)
   np.testing.assert_array_equal(run.dataset.train_images, dataset.train_images)
+  # Mask quality rebuilds the run's setup from a config: the run's own (its digest must
+  # match), or a fresh one with the arrays (recorded as run() records them).
+  with pytest.raises(ValueError, match="dataset= differs from the arrays the run trained on"):
+    mask_quality.compute_ticket(run.config, other)
+  ticket = mask_quality.compute_ticket(run.config, dataset)  # rewind_epochs=0: the init
+  fresh = _leaves(mask_quality.compute_ticket(_tiny(), dataset))
+  assert len(fresh) == 6  # lenet300_100's kernels and biases
+  for a, b in zip(_leaves(ticket), fresh, strict=True):
+    np.testing.assert_array_equal(a, b)
   ensemble = swamp_jax.evaluate_ensemble_of_runs([workdir], 1, run.dataset, run.model)
   assert ensemble["member_accuracies"] == [ensemble["accuracy"]]
   # The round's averaged model, evaluated again on the test arrays: lenet300_100 has no
