@@ -313,3 +313,14 @@ def test_a_tfds_dataset_of_images_that_vary_in_size_is_refused_before_reading(tm
   with pytest.raises(ValueError, match=r"vary in shape \(None, None, 3\).*Dataset.from_arrays"):
     swamp_jax.run(config, str(tmp_path / "work"))
   assert not (tmp_path / "work").exists() and not (tmp_path / "none").exists()
+
+
+def test_a_checkpoint_written_before_the_dataset_fields_existed_compares_as_their_defaults():
+  current = checkpointing.math_config(_tiny())
+  saved = {k: v for k, v in current.items() if not k.startswith("dataset.") or k == "dataset.name"}
+  assert checkpointing.compare_configs(saved, current) == []
+  config = _tiny()
+  config.dataset.test_split = "validation"
+  assert checkpointing.compare_configs(saved, checkpointing.math_config(config)) == [
+    "dataset.test_split: 'test' in the checkpoint, 'validation' now"
+  ]
