@@ -9,7 +9,7 @@ from swamp_jax.connectivity import (
   compute_particle_connectivity,
   compute_round_connectivity,
 )
-from swamp_jax.data import Dataset, load_dataset
+from swamp_jax.datasets import Dataset, load_dataset
 from swamp_jax.distributed import create_mesh
 from swamp_jax.ensembles import evaluate_ensemble, evaluate_ensemble_of_runs
 from swamp_jax.flatness import compute_hessian_trace, compute_round_hessian_trace

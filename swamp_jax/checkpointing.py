@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 
+from swamp_jax import config as config_lib
 from swamp_jax import integrity
 
 CHECKPOINT_DIR = "checkpoints"
@@ -96,10 +97,17 @@ def math_config(config: ml_collections.ConfigDict) -> dict:
 
 
 def compare_configs(saved: dict, current: dict) -> list[str]:
-  """Descriptions of the math fields that differ ('field: saved -> current')."""
+  """Descriptions of the math fields that differ ('field: saved -> current').
+
+  A field the checkpoint lacks was written before the field existed, so the
+  run had its default behaviour (as ``saved_runs.load_config`` reads old
+  configs): it is compared as its default.
+  """
+  defaults = math_config(config_lib.get_default_config())
   diffs = []
   for key in sorted(set(saved) | set(current)):
-    a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+    a = saved.get(key, defaults.get(key, "<absent>"))
+    b = current.get(key, "<absent>")
     if a != b:
       diffs.append(f"{key}: {a!r} in the checkpoint, {b!r} now")
   return diffs

@@ -16,6 +16,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from swamp_jax import masking, optimizers, precision
+from swamp_jax.datasets import AUGMENTATIONS
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -24,12 +25,20 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.dataset = ml_collections.ConfigDict()
-  c.dataset.name = "digits"  # 'digits' (embedded) or any TFDS image-classification name
+  c.dataset.name = "digits"  # 'digits' (embedded) or any TFDS classification name
   c.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: TFDS default
   c.dataset.cache_dir = "~/.cache/swamp_jax"  # decoded-array cache; '' disables
+  c.dataset.train_split = "train"  # the TFDS split trained on
+  c.dataset.test_split = "test"  # the TFDS split reported (e.g. 'validation' for imagenet_resized)
+  c.dataset.image_key = "image"  # the TFDS feature holding the input
+  c.dataset.label_key = "label"  # the TFDS feature holding the label (a ClassLabel)
   c.dataset.validation_size = 0  # held out of train, for choices; test is reported
   c.dataset.train_size = 0  # train on a fixed subset of this size (a CPU budget); 0: all
-  c.dataset.augment = "auto"  # 'auto' (crop+flip for CIFAR), 'yes', 'no'
+  c.dataset.augment = "auto"  # 'none', 'crop_flip'; 'auto': the dataset's (CIFAR: crop_flip)
+  # Set by run(dataset=...) for in-memory arrays (config.json records what was trained on, so
+  # a resume with other arrays is refused); '' for a dataset the fields above load.
+  c.dataset.digest = ""
+  c.dataset.shapes = ""
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "lenet5"
@@ -259,15 +268,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     config.optimizer.learning_rate > 0,
     f"optimizer.learning_rate must be > 0, got {config.optimizer.learning_rate!r}",
   )
+  augment = config.dataset.augment
+  renamed = {"yes": "crop_flip", "no": "none"}.get(augment)
   _require(
     0 <= config.optimizer.warmup_epochs <= config.epochs_per_round,
     f"optimizer.warmup_epochs must be in [0, epochs_per_round={config.epochs_per_round}], "
     f"got {config.optimizer.warmup_epochs!r}",
   )
   _require(
-    config.dataset.augment in ("auto", "yes", "no"),
-    f"dataset.augment must be 'auto', 'yes' or 'no', got {config.dataset.augment!r}",
+    augment in ("auto", *AUGMENTATIONS),
+    f"dataset.augment must be 'auto' or one of {AUGMENTATIONS}, got {augment!r}"
+    + (f" (now called {renamed!r})" if renamed else ""),
   )
+  for field in ("train_split", "test_split", "image_key", "label_key"):
+    _require(bool(config.dataset[field]), f"dataset.{field} must be a non-empty string, got ''")
   if config.swa.enabled:
     _require(
       0.0 <= config.swa.start <= 1.0,

@@ -127,7 +127,7 @@ def compute_linear_connectivity(
   """The path between two solutions on one split of ``dataset``, with its barriers.
 
   Args:
-    dataset: a ``data.Dataset``; BN statistics come from its training split.
+    dataset: a ``datasets.Dataset``; BN statistics come from its training split.
     split: 'test', 'validation' or 'train'.
     Others as ``compute_interpolation_metrics``.
 
@@ -178,14 +178,17 @@ def compute_particle_connectivity(
   particles: tuple[int, int] = (0, 1),
   split: str = "test",
   num_alphas: int = NUM_ALPHAS,
+  dataset=None,
 ) -> dict:
   """The path between two particles' solutions of one round of a saved run.
 
   Both lie in the round's mask, which is applied (a no-op on the line).
   Needs a run saved with ``save_particles`` and at least two particles in
-  that round. Returns ``compute_linear_connectivity``'s dict.
+  that round. ``dataset``: the ``Dataset`` of a run trained on in-memory
+  arrays (``saved_runs.load_run``). Returns ``compute_linear_connectivity``'s
+  dict.
   """
-  run = saved_runs.load_run(workdir)
+  run = saved_runs.load_run(workdir, dataset)
   saved = workdir_lib.load_round_model(workdir, round_index)
   if "particle_params" not in saved:
     raise ValueError(f"{workdir!r} saved no particle solutions (config.save_particles=False)")
@@ -213,6 +216,7 @@ def compute_round_connectivity(
   mask_from: str = "earlier",
   split: str = "test",
   num_alphas: int = NUM_ALPHAS,
+  dataset=None,
 ) -> dict:
   """The path from round r's averaged solution (alpha=0) to round r+1's (alpha=1).
 
@@ -220,13 +224,14 @@ def compute_round_connectivity(
     mask_from: 'earlier' interpolates under round r's mask (both solutions
       as trained; see the module docstring); 'later' projects both onto
       round r+1's mask, so alpha=0 is w_r pruned to round r+1's sparsity.
+    dataset: the ``Dataset`` of a run trained on in-memory arrays.
 
   Returns:
     ``compute_linear_connectivity``'s dict.
   """
   if mask_from not in ("earlier", "later"):
     raise ValueError(f"mask_from must be 'earlier' or 'later', got {mask_from!r}")
-  run = saved_runs.load_run(workdir)
+  run = saved_runs.load_run(workdir, dataset)
   a = workdir_lib.load_round_model(workdir, round_index)
   b = workdir_lib.load_round_model(workdir, round_index + 1)
   mask = a["mask"] if mask_from == "earlier" else b["mask"]

@@ -169,6 +169,7 @@ def compute_round_hessian_trace(
   batch_size: int | None = None,
   seed: int = 0,
   prunable_only: bool = False,
+  dataset=None,
 ) -> dict:
   """Hessian trace of a saved round's averaged model (or one particle's solution).
 
@@ -179,11 +180,12 @@ def compute_round_hessian_trace(
     seed: the probes' PRNG seed.
     prunable_only: count only the surviving prunable kernels (not biases
       and norm parameters).
+    dataset: the ``Dataset`` of a run trained on in-memory arrays.
 
   Returns:
     ``{'trace': float, 'stderr': float, 'num_probes': int}``.
   """
-  run = saved_runs.load_run(workdir)
+  run = saved_runs.load_run(workdir, dataset)
   saved = workdir_lib.load_round_model(workdir, round_index)
   params, batch_stats, mask = saved["params"], saved["batch_stats"], saved["mask"]
   if particle is not None:

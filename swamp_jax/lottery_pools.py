@@ -65,7 +65,7 @@ def compute_lottery_pool(
     candidates: K params pytrees of the same structure, visited in order.
     batch_stats: a BN statistics pytree of the model (structure only).
     mask: the target's mask; every point is projected onto it.
-    dataset: a ``data.Dataset`` with a non-empty validation split; BN
+    dataset: a ``datasets.Dataset`` with a non-empty validation split; BN
       statistics come from its training split.
     coefficients: the candidate's share c in (0, 1] tried at each step.
 
@@ -127,6 +127,7 @@ def compute_lottery_pool_of_run(
   round_index: int,
   candidate_rounds: list[int] | None = None,
   coefficients=COEFFICIENTS,
+  dataset=None,
 ) -> dict:
   """The Lottery Pool of a saved run's round ``round_index``, evaluated on the test split.
 
@@ -135,6 +136,7 @@ def compute_lottery_pool_of_run(
     candidate_rounds: rounds whose averaged solutions may join, in the order
       visited; None: every other saved round, nearest first (ties: the
       denser one first).
+    dataset: the ``Dataset`` of a run trained on in-memory arrays.
 
   Returns:
     ``{'test_accuracy', 'test_loss', 'validation_accuracy'}`` of the pool,
@@ -142,7 +144,7 @@ def compute_lottery_pool_of_run(
     target solution alone (BN recomputed the same way), and ``'weights'``:
     ``{round: share}`` of the rounds in the pool.
   """
-  run = saved_runs.load_run(workdir)
+  run = saved_runs.load_run(workdir, dataset)
   if candidate_rounds is None:
     rounds = [r.round for r in results.read_results(workdir) if r.round != round_index]
     candidate_rounds = sorted(rounds, key=lambda r: (abs(r - round_index), r))

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from swamp_jax import imp, masking, run_setup, runner
+from swamp_jax import datasets, imp, masking, run_setup, runner
 from swamp_jax import workdir as workdir_lib
 
 
@@ -49,16 +49,25 @@ def create_imp_config(config):
   return config
 
 
-def compute_ticket(config) -> imp.Ticket:
-  """The ticket (weights and BN statistics at T0) that ``run(config)`` trains from.
+def _create_setup(config, dataset):
+  if dataset is not None and not config.dataset.digest:  # as run(config, dataset=) records it
+    config = datasets.record_dataset(config, dataset)
+  return run_setup.create_setup(config, dataset=dataset)
+
+
+def compute_ticket(config, dataset=None) -> imp.Ticket:
+  """The ticket (weights and BN statistics at T0) that ``run(config, dataset=dataset)``
+  trains from.
 
   With ``rewind_epochs=0`` it is the initialization. Deterministic: the same
   config and seed give the same ticket as the run.
   """
-  return runner.compute_ticket(run_setup.create_setup(config))
+  return runner.compute_ticket(_create_setup(config, dataset))
 
 
-def retrain_on_mask(config, mask, ticket: imp.Ticket | None = None, round_index: int = 0):
+def retrain_on_mask(
+  config, mask, ticket: imp.Ticket | None = None, round_index: int = 0, dataset=None
+):
   """Trains one IMP round from the rewound ticket on ``mask``; evaluates it.
 
   Args:
@@ -70,6 +79,8 @@ def retrain_on_mask(config, mask, ticket: imp.Ticket | None = None, round_index:
       config (``compute_ticket(create_imp_config(config))``).
     round_index: whose data order to use (``imp.particle_key(seed, r, 0)``);
       with IMP's own round-r mask and r here, IMP's round r is reproduced.
+    dataset: the in-memory ``Dataset`` the run trained on (``run(...,
+      dataset=...)``); None: the one ``config.dataset`` names.
 
   Returns:
     A ``MaskRetrainResult``.
@@ -77,7 +88,7 @@ def retrain_on_mask(config, mask, ticket: imp.Ticket | None = None, round_index:
   Raises:
     ValueError: the mask does not fit the model's params.
   """
-  setup = run_setup.create_setup(create_imp_config(config))
+  setup = _create_setup(create_imp_config(config), dataset)
   params_struct = jax.tree_util.tree_structure(setup.params)
   if jax.tree_util.tree_structure(mask) != params_struct:
     raise ValueError(
@@ -114,7 +125,11 @@ def retrain_on_mask(config, mask, ticket: imp.Ticket | None = None, round_index:
 
 
 def retrain_on_saved_mask(
-  config, mask_workdir: str, round_index: int, ticket: imp.Ticket | None = None
+  config,
+  mask_workdir: str,
+  round_index: int,
+  ticket: imp.Ticket | None = None,
+  dataset=None,
 ) -> MaskRetrainResult:
   """``retrain_on_mask`` with the mask that ``mask_workdir``'s round ``round_index`` trained on.
 
@@ -123,4 +138,4 @@ def retrain_on_saved_mask(
   IMP workdir) tests claim 5.
   """
   mask = workdir_lib.load_round_model(mask_workdir, round_index)["mask"]
-  return retrain_on_mask(config, mask, ticket, round_index)
+  return retrain_on_mask(config, mask, ticket, round_index, dataset)

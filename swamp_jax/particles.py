@@ -56,7 +56,7 @@ class StepSpec:
 
   batch_size: int
   num_examples: int
-  augment: bool
+  augment: str  # datasets.AUGMENTATIONS: 'none' or 'crop_flip'
   swa_start_step: int  # global step; >= the end of the round when SWA is off
   swa_every_steps: int
 
@@ -130,7 +130,7 @@ def train_step(
   if placement is not None:
     idx = jax.lax.with_sharding_constraint(idx, placement.batch)
   images = data_lib.preprocess(data.images[idx], data.mean, data.std)
-  if spec.augment:
+  if spec.augment == "crop_flip":
     # A stream apart from the permutations' fold_in(key, epoch).
     aug_key = jax.random.fold_in(jax.random.fold_in(state.key, _AUGMENT_STREAM), step)
     images = data_lib.augment(aug_key, images)

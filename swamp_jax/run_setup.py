@@ -12,7 +12,16 @@ import ml_collections
 import numpy as np
 import optax
 
-from swamp_jax import checkpointing, distributed, imp, masking, models, optimizers, particles
+from swamp_jax import (
+  checkpointing,
+  datasets,
+  distributed,
+  imp,
+  masking,
+  models,
+  optimizers,
+  particles,
+)
 from swamp_jax import config as config_lib
 from swamp_jax import data as data_lib
 from swamp_jax.precision import with_compute_dtype
@@ -101,10 +110,14 @@ def create_placement(config, warn: bool = True) -> distributed.Placement:
   return placement
 
 
-def check_config_inputs(config) -> None:
+def check_config_inputs(config, dataset: datasets.Dataset | None = None) -> None:
   """Checks what ``config`` names outside itself (dataset, mesh on these devices),
-  without reading data: ``run`` calls it before writing anything."""
-  data_lib.check_dataset(config.dataset.name, config.dataset.data_dir)
+  without reading data: ``run`` calls it before writing anything. An in-memory
+  ``dataset`` is checked by its constructor; its augmentation here."""
+  if dataset is None:
+    datasets.check_config_dataset(config.dataset)
+  else:
+    datasets.resolve_augment(config, dataset)
   if config.dataset.train_size and jax.process_count() > 1:
     # The subset is a fixed permutation of the whole split, and each process reads only a
     # contiguous slice of the split: it would have to read the whole split to find its rows.
@@ -116,19 +129,6 @@ def check_config_inputs(config) -> None:
   create_placement(config, warn=False)
 
 
-def load_config_dataset(config, train_rows=None) -> data_lib.Dataset:
-  """``config.dataset`` loaded (``train_rows``: one process's rows only)."""
-  d = config.dataset
-  return data_lib.load_dataset(
-    d.name,
-    d.data_dir,
-    d.validation_size,
-    d.cache_dir or None,
-    train_rows=train_rows,
-    train_size=d.train_size,
-  )
-
-
 def create_config_model(config, num_classes: int):
   """``config.model`` as a model in the functional form (``models.create_configured_model``),
   computing in ``config.model.dtype``."""
@@ -137,25 +137,29 @@ def create_config_model(config, num_classes: int):
   )
 
 
-def load_data(config, placement: distributed.Placement):
-  """The dataset, with the training set on the mesh.
+def load_data(config, placement: distributed.Placement, dataset: datasets.Dataset | None = None):
+  """The run's dataset (``datasets.load_dataset``), with the training set on the mesh.
 
   One process holds the whole training set on each device. With several
-  processes each reads only its own rows (TFDS split slicing) and the
-  normalization statistics are combined across processes.
+  processes each reads only its own rows (TFDS split slicing, or a slice of
+  the in-memory ``dataset``) and the normalization statistics are combined
+  across processes.
   """
   if not placement.multi_process:
-    dataset = load_config_dataset(config)
+    dataset = datasets.load_dataset(config, dataset)
     images, labels = dataset.train_images, dataset.train_labels
     num_train, padded, first = len(labels), len(labels), 0
     mean, std = dataset.mean, dataset.std
   else:
     from jax.experimental import multihost_utils
 
-    num_train = data_lib.count_train_examples(config.dataset.name, config.dataset.data_dir)
+    if dataset is None:
+      num_train = datasets.count_train_examples(config.dataset)
+    else:
+      num_train = len(dataset.train_labels)
     padded, first, count = distributed.rows_per_process(num_train, placement)
     stop = min(first + count, num_train)
-    dataset = load_config_dataset(config, train_rows=(first, stop))
+    dataset = datasets.load_dataset(config, dataset, train_rows=(first, stop))
     sums = multihost_utils.process_allgather(data_lib.compute_channel_sums(dataset.train_images))
     mean, std = data_lib.compute_channel_stats(*np.sum(sums, axis=0))
     pad = count - len(dataset.train_labels)  # rows past the end: never indexed
@@ -179,12 +183,14 @@ def load_data(config, placement: distributed.Placement):
   return dataset, train, eval_data, num_train
 
 
-def create_setup(config, optimizer=None, prune_score=None, model=None) -> RunSetup:
+def create_setup(config, optimizer=None, prune_score=None, model=None, dataset=None) -> RunSetup:
   """Everything a run derives from its config before training: mesh, data on it,
   model, schedule, optimizer and the jitted round programs.
 
   ``model`` (a linen or nnx module) replaces ``config.model``; either is checked
   against the model contract (``models.check_model``) before any training.
+  ``dataset`` (a ``datasets.Dataset``) replaces ``config.dataset``'s source
+  (``datasets.load_dataset``).
 
   ``prune_score`` (``(params, prunable) -> scores``, higher keeps) replaces
   ``config.prune_criterion``; it is checked on the initial params here
@@ -193,7 +199,7 @@ def create_setup(config, optimizer=None, prune_score=None, model=None) -> RunSet
   config_lib.validate_config(config)
   factory = resolve_optimizer(config, optimizer)
   placement = create_placement(config)
-  dataset, train_data, eval_data, num_train = load_data(config, placement)
+  dataset, train_data, eval_data, num_train = load_data(config, placement, dataset)
   if model is None:
     model = create_config_model(config, dataset.num_classes)
   else:  # a model of the user's, in the config's compute dtype as the config's model
@@ -217,11 +223,7 @@ def create_setup(config, optimizer=None, prune_score=None, model=None) -> RunSet
     warmup,
     rewind_step,
   )
-  augment = (
-    data_lib.default_augment(dataset.name)
-    if config.dataset.augment == "auto"
-    else config.dataset.augment == "yes"
-  )
+  augment = datasets.resolve_augment(config, dataset)
   spec = particles.StepSpec(
     batch_size=config.batch_size,
     num_examples=num_train,
@@ -239,6 +241,11 @@ def create_setup(config, optimizer=None, prune_score=None, model=None) -> RunSet
     config.prune_leaves,
     config.prune_exclude,
   )
+  logits = jax.eval_shape(
+    lambda v: model.apply(v, jnp.zeros((1, *dataset.image_shape), jnp.float32), train=False),
+    variables,
+  )
+  datasets.check_num_logits(dataset, logits.shape[-1])
   params, batch_stats = placement.replicate((variables["params"], variables.get("batch_stats", {})))
   prunable = masking.compute_prunable(params, config.prune_exclude, config.prune_leaves)
   pruning_rule = masking.PruningRule(config.prune_scope, config.prune_criterion, prune_score)

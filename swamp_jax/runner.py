@@ -17,6 +17,7 @@ import optax
 
 from swamp_jax import (
   checkpointing,
+  datasets,
   distributed,
   imp,
   masking,
@@ -233,6 +234,7 @@ def run(
   optimizer: optimizers.OptimizerFactory | optax.GradientTransformation | None = None,
   *,
   model=None,
+  dataset=None,
   prune_score=None,
 ) -> results_lib.SwampResult:
   """Runs SWAMP as configured and returns its per-round results and final model.
@@ -267,6 +269,12 @@ def run(
       (``swamp_jax.register_model``, then ``config.model.name``), which is
       how a model is made rebuildable everywhere. Resuming needs the same
       model passed again.
+    dataset: your own data, a ``swamp_jax.Dataset`` (``Dataset.from_arrays``,
+      ``Dataset.from_tfds``) replacing ``config.dataset``'s source;
+      ``dataset.validation_size``, ``train_size`` and ``augment`` still
+      apply. Its name, shapes and a digest of its arrays are recorded in
+      the config (``dataset.digest``), so resuming needs the same arrays and
+      analyses of the run take them as ``dataset=``.
     prune_score: your own pruning rule, ``prune_score(params, prunable) ->
       scores``: a pytree with the structure of params whose prunable leaves
       are float arrays of the params' shapes (higher keeps; other leaves are
@@ -283,8 +291,10 @@ def run(
     ValueError: a config field is unknown or out of range, the model or
       dataset name is unknown, the model breaks the contract (no ``train``
       argument, logits not [batch, classes], fewer logits than classes, no
-      prunable weights: the part is named), or ``prune_score``'s scores do
-      not fit the params (the leaf is named).
+      prunable weights: the part is named), a split or feature key the
+      dataset lacks (the available ones are named), labels the model's logits
+      cannot hold, or ``prune_score``'s scores do not fit the params (the
+      leaf is named).
     FileExistsError: ``workdir`` holds a finished run and not ``overwrite``,
       or is a file.
     workdir.WorkdirInUseError: another process is running in ``workdir``.
@@ -294,6 +304,8 @@ def run(
       good checkpoint is on disk).
   """
   # Everything that can be checked is checked before anything is written.
+  if dataset is not None:
+    config = datasets.record_dataset(config, dataset)  # a copy: the caller's is unchanged
   config_lib.validate_config(config)
   run_setup.resolve_optimizer(config, optimizer)
   if model is None:
@@ -302,12 +314,15 @@ def run(
     model = models.as_functional(model)
     models.check_train_argument(model)
     config = _name_passed_model(config, model)
-  run_setup.check_config_inputs(config)  # the dataset and its splits, the mesh on these devices
+  # The dataset and its splits (or the in-memory one), the mesh on these devices.
+  run_setup.check_config_inputs(config, dataset)
   primary = jax.process_index() == 0  # writes the files that are not checkpoints
+
+  def create_setup():
+    return run_setup.create_setup(config, optimizer, prune_score, model=model, dataset=dataset)
+
   if workdir is None:
-    return _run(
-      config, None, run_setup.create_setup(config, optimizer, prune_score, model), primary
-    )
+    return _run(config, None, create_setup(), primary)
   workdir = os.path.abspath(workdir)
   workdir_lib.check_workdir_path(workdir)
   created = not os.path.exists(workdir)
@@ -316,7 +331,7 @@ def run(
   try:
     # Under the lock (a second launch is refused before it loads anything), but before the
     # workdir is prepared: a bad prune_score fails here, and overwrite has removed nothing.
-    setup = run_setup.create_setup(config, optimizer, prune_score, model)
+    setup = create_setup()
     workdir_lib.prepare_workdir(workdir, config.overwrite, primary)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils

@@ -3,7 +3,9 @@
 ``run(config, workdir)`` writes ``config.json`` and, per round, the averaged
 model, its mask and each particle's solution (``workdir_lib.load_round_model``).
 Everything an analysis needs besides those weights is a function of the
-config, so it is rebuilt here, in one place, rather than stored.
+config, so it is rebuilt here, in one place, rather than stored; a run
+trained on in-memory arrays recorded their digest instead, and its analyses
+take the same ``Dataset`` again as ``dataset=``.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ import ml_collections
 import numpy as np
 
 from swamp_jax import config as config_lib
-from swamp_jax import data as data_lib
-from swamp_jax import run_setup
+from swamp_jax import datasets, run_setup
 from swamp_jax import workdir as workdir_lib
 
 SPLITS = ("train", "validation", "test")
@@ -30,12 +31,12 @@ class SavedRun(NamedTuple):
 
   workdir: str
   config: ml_collections.ConfigDict
-  dataset: data_lib.Dataset
+  dataset: datasets.Dataset
   model: object  # as ``run`` built it (linen, or ``models.NnxModel`` for an NNX model)
 
 
 class SplitArrays(NamedTuple):
-  """One split on the device: stored images [n, H, W, C], int32 labels [n]."""
+  """One split on the device: stored inputs [n, ...], int32 labels [n]."""
 
   images: jnp.ndarray
   labels: jnp.ndarray
@@ -58,10 +59,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_dataset(dataset_fields: str) -> data_lib.Dataset:
+def _load_config_dataset(dataset_fields: str) -> datasets.Dataset:
   config = config_lib.get_default_config()
   config.dataset.update(json.loads(dataset_fields))
-  dataset = run_setup.load_config_dataset(config)
+  dataset = datasets.load_dataset(config)
   for value in dataset:
     if isinstance(value, np.ndarray):
       value.flags.writeable = False  # shared by every run that reads it
@@ -75,27 +76,46 @@ def _create_model(model_fields: str, num_classes: int):
   return run_setup.create_config_model(config, num_classes)
 
 
-def create_model_and_dataset(config) -> tuple[object, data_lib.Dataset]:
+def create_model_and_dataset(config, dataset=None) -> tuple[object, datasets.Dataset]:
   """The model and dataset that ``run`` builds from ``config`` (the same functions).
 
-  Both are cached by their config fields: the analyses of a sweep's runs then
-  read the data once and share one model object, so jitted analysis programs
-  (the model is a static argument) compile once. The dataset's arrays are
-  read-only.
+  A dataset the config names is cached by its config fields, and the model
+  by its fields: the analyses of a sweep's runs then read the data once and
+  share one model object, so jitted analysis programs (the model is a
+  static argument) compile once. The dataset's arrays are read-only.
+
+  Args:
+    dataset: for a run trained on in-memory arrays (``run(...,
+      dataset=...)``), the same ``Dataset`` again; it must match the digest
+      the run recorded. None for a run of a dataset its config names.
+
+  Raises:
+    ValueError: the run trained on in-memory arrays and ``dataset`` is None
+      or holds other arrays, or ``dataset`` is given for a config's dataset.
   """
-  dataset = _load_dataset(json.dumps(config.dataset.to_dict(), sort_keys=True))
+  if dataset is None and not config.dataset.digest:
+    dataset = _load_config_dataset(json.dumps(config.dataset.to_dict(), sort_keys=True))
+  else:
+    dataset = datasets.load_dataset(config, dataset)
   model = _create_model(json.dumps(config.model.to_dict(), sort_keys=True), dataset.num_classes)
   return model, dataset
 
 
-def load_run(workdir: str) -> SavedRun:
-  """Rebuilds the config, dataset and model of the run in ``workdir``."""
+def load_run(workdir: str, dataset=None) -> SavedRun:
+  """Rebuilds the config, dataset and model of the run in ``workdir``.
+
+  ``dataset``: the in-memory ``Dataset`` a run trained on (``run(...,
+  dataset=...)``); None for a run of a dataset its config names.
+  """
   config = load_config(workdir)
-  model, dataset = create_model_and_dataset(config)
+  try:
+    model, dataset = create_model_and_dataset(config, dataset)
+  except ValueError as e:
+    raise ValueError(f"{workdir!r}: {e}") from e
   return SavedRun(os.path.abspath(workdir), config, dataset, model)
 
 
-def get_split(dataset: data_lib.Dataset, split: str) -> SplitArrays:
+def get_split(dataset: datasets.Dataset, split: str) -> SplitArrays:
   """``split`` ('train', 'validation' or 'test') of ``dataset`` as device arrays."""
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

@@ -85,10 +85,10 @@ def record_reference(config, workdir, rounds) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from swamp_jax import data, run_setup
+  from swamp_jax import data, datasets, run_setup
   from swamp_jax import workdir as workdir_lib
 
-  dataset = run_setup.load_config_dataset(config)
+  dataset = datasets.load_dataset(config)
   model = run_setup.create_config_model(config, dataset.num_classes)
   x = data.preprocess(jnp.asarray(dataset.test_images), dataset.mean, dataset.std)
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from swamp_jax import batchnorm, connectivity, data, evaluation, masking, results
+from swamp_jax import batchnorm, connectivity, data, datasets, evaluation, masking, results
 from swamp_jax import workdir as workdir_lib
 
 from . import equivalence
@@ -26,7 +26,7 @@ class TinyBNNet(nn.Module):
 
 @pytest.fixture(scope="module")
 def setting():
-  dataset = data.load_dataset("digits", validation_size=100, cache_dir=None)
+  dataset = datasets.Dataset.from_digits().hold_out(validation_size=100)
   model = TinyBNNet()
   x = jnp.zeros((1, *dataset.image_shape), jnp.float32)
   a, b = (model.init(jax.random.key(s), x, train=False) for s in (0, 1))

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from swamp_jax import data
+from swamp_jax import datasets
 
 
 def _rows(images):
@@ -9,9 +9,10 @@ def _rows(images):
 
 
 def test_train_subset_is_fixed_and_never_meets_the_validation_split():
-  full = data.load_dataset("digits", validation_size=200, cache_dir=None)
-  subset = data.load_dataset("digits", validation_size=200, train_size=500, cache_dir=None)
-  again = data.load_dataset("digits", validation_size=200, train_size=500, cache_dir=None)
+  digits = datasets.Dataset.from_digits()
+  full = digits.hold_out(validation_size=200)
+  subset = digits.hold_out(validation_size=200, train_size=500)
+  again = datasets.Dataset.from_digits().hold_out(validation_size=200, train_size=500)
   assert len(subset.train_labels) == 500
   np.testing.assert_array_equal(subset.train_images, again.train_images)
   # The validation split does not move when a subset is taken, and the two never share a row.
@@ -23,6 +24,7 @@ def test_train_subset_is_fixed_and_never_meets_the_validation_split():
 
 
 def test_train_subset_larger_than_what_validation_leaves_is_refused():
-  n = len(data.load_dataset("digits", cache_dir=None).train_labels)
+  digits = datasets.Dataset.from_digits()
+  n = len(digits.train_labels)
   with pytest.raises(ValueError, match=f"train_size must be in \\[0, {n - 100}\\]"):
-    data.load_dataset("digits", validation_size=100, train_size=n - 99, cache_dir=None)
+    digits.hold_out(validation_size=100, train_size=n - 99)

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from swamp_jax import data, ensembles, evaluation, imp, models, results, saved_runs
+from swamp_jax import data, datasets, ensembles, evaluation, imp, models, results, saved_runs
 from swamp_jax import workdir as workdir_lib
 
 from . import equivalence
@@ -12,7 +12,7 @@ from .saved_runs_for_analyses import LENET300_EVAL_RTOL, compute_test_logits, ge
 
 @pytest.fixture(scope="module")
 def digits():
-  return data.load_dataset("digits", validation_size=0, cache_dir=None)
+  return datasets.Dataset.from_digits()
 
 
 def _init(model, seed, dataset):

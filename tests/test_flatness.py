@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from swamp_jax import data, flatness
+from swamp_jax import datasets, flatness
 
 from . import equivalence
 from .saved_runs_for_analyses import get_saved_run
@@ -71,7 +71,7 @@ class TinyMLP(nn.Module):
 
 
 def test_training_loss_trace_matches_the_exact_hessian_of_a_small_model():
-  dataset = data.load_dataset("digits", cache_dir=None)
+  dataset = datasets.Dataset.from_digits()
   model = TinyMLP()
   params = model.init(KEY, jnp.zeros((1, 8, 8, 1)), train=False)["params"]
   images, labels = flatness.create_training_batches(

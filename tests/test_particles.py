@@ -48,7 +48,7 @@ def _setup(n_examples=96, batch_size=16):
   spec = particles.StepSpec(
     batch_size=batch_size,
     num_examples=n_examples,
-    augment=True,
+    augment="crop_flip",
     swa_start_step=3,
     swa_every_steps=2,
   )

@@ -11,6 +11,7 @@ import pytest
 from swamp_jax import (
   batchnorm,
   data,
+  datasets,
   evaluation,
   masking,
   models,
@@ -130,7 +131,7 @@ SWA_START = 8  # collects the weights after steps 8, 9 and 10
 
 @functools.cache
 def _digits():
-  return data.load_dataset("digits", cache_dir=None)
+  return datasets.Dataset.from_digits()
 
 
 def _train_round(dtype: str, params, mask):

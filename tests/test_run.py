@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import swamp_jax
-from swamp_jax import data, imp, masking, models, results
+from swamp_jax import datasets, imp, masking, models, results
 
 from . import equivalence
 from .conftest import REPO, run_python_on_fake_devices
@@ -72,7 +72,7 @@ def test_finished_workdir_is_refused_and_nothing_is_lost(tiny_config, tmp_path):
 
 def _hand_written_imp(config):
   """Plain IMP (one network, no SWA) in a Python loop of jitted steps, numpy pruning."""
-  ds = data.load_dataset(config.dataset.name)
+  ds = datasets.load_dataset(config)
   model = models.create_model(config.model.name, ds.num_classes, "xla")
   x_train = (ds.train_images.astype(np.float32) - ds.mean) / ds.std
   x_test = (ds.test_images.astype(np.float32) - ds.mean) / ds.std
