@@ -32,7 +32,8 @@ from typing import NamedTuple
 
 from report import _sparsity_key, find_runs, format_markdown, plot_accuracies
 
-from swamp_jax import connectivity, flatness, lottery_pools, mask_quality, results, saved_runs
+from swamp_jax import results, saved_runs
+from swamp_jax.analyses import connectivity, flatness, lottery_pools, mask_quality
 
 ANALYSES = ("particle_lmc", "round_lmc", "hessian", "mask_quality", "lottery_pools")
 ANALYSIS_DIR = "analyses"

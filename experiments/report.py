@@ -21,8 +21,9 @@ import re
 
 import numpy as np
 
-from swamp_jax import ensembles, results, saved_runs
+from swamp_jax import results, saved_runs
 from swamp_jax import workdir as workdir_lib
+from swamp_jax.analyses import ensembles
 
 ENSEMBLE_METHOD = "ensemble_imp2"
 REPORT_FILE = "report.md"

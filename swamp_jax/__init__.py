@@ -1,20 +1,20 @@
 """swamp_jax: SWAMP (Sparse Weight Averaging with Multiple Particles) for IMP, in JAX/Flax."""
 
-from swamp_jax.averaging import average_particles, interpolate
-from swamp_jax.batchnorm import recompute_batch_stats
-from swamp_jax.config import get_default_config, validate_config
-from swamp_jax.connectivity import (
+from swamp_jax.analyses.connectivity import (
   compute_barrier,
   compute_linear_connectivity,
   compute_particle_connectivity,
   compute_round_connectivity,
 )
+from swamp_jax.analyses.ensembles import evaluate_ensemble, evaluate_ensemble_of_runs
+from swamp_jax.analyses.flatness import compute_hessian_trace, compute_round_hessian_trace
+from swamp_jax.analyses.lottery_pools import compute_lottery_pool, compute_lottery_pool_of_run
+from swamp_jax.analyses.mask_quality import retrain_on_mask, retrain_on_saved_mask
+from swamp_jax.averaging import average_particles, interpolate
+from swamp_jax.batchnorm import recompute_batch_stats
+from swamp_jax.config import get_default_config, validate_config
 from swamp_jax.datasets import Dataset, load_dataset
 from swamp_jax.distributed import create_mesh
-from swamp_jax.ensembles import evaluate_ensemble, evaluate_ensemble_of_runs
-from swamp_jax.flatness import compute_hessian_trace, compute_round_hessian_trace
-from swamp_jax.lottery_pools import compute_lottery_pool, compute_lottery_pool_of_run
-from swamp_jax.mask_quality import retrain_on_mask, retrain_on_saved_mask
 from swamp_jax.masking import (
   PruningRule,
   apply_mask,

@@ -6,7 +6,7 @@ A pytest fixture imported into several test modules would run once per module.
 """
 
 import swamp_jax
-from swamp_jax import mask_quality
+from swamp_jax.analyses import mask_quality
 
 from . import equivalence
 from .conftest import compute_once_per_session, create_tiny_config

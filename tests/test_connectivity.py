@@ -4,8 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from swamp_jax import batchnorm, connectivity, data, datasets, evaluation, masking, results
+from swamp_jax import batchnorm, data, datasets, evaluation, masking, results
 from swamp_jax import workdir as workdir_lib
+from swamp_jax.analyses import connectivity
 
 from . import equivalence
 from .saved_runs_for_analyses import LENET300_EVAL_RTOL, compute_test_logits, get_saved_run

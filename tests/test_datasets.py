@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import swamp_jax
-from swamp_jax import checkpointing, datasets, mask_quality, saved_runs
+from swamp_jax import checkpointing, datasets, saved_runs
 from swamp_jax import workdir as workdir_lib
+from swamp_jax.analyses import mask_quality
 
 from .conftest import SHARED_TFDS, create_tiny_config
 

@@ -3,8 +3,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from swamp_jax import data, datasets, ensembles, evaluation, imp, models, results, saved_runs
+from swamp_jax import data, datasets, evaluation, imp, models, results, saved_runs
 from swamp_jax import workdir as workdir_lib
+from swamp_jax.analyses import ensembles
 
 from . import equivalence
 from .saved_runs_for_analyses import LENET300_EVAL_RTOL, compute_test_logits, get_saved_run

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from swamp_jax import datasets, flatness
+from swamp_jax import datasets
+from swamp_jax.analyses import flatness
 
 from . import equivalence
 from .saved_runs_for_analyses import get_saved_run

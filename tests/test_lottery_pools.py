@@ -2,8 +2,9 @@ import jax
 import numpy as np
 import pytest
 
-from swamp_jax import lottery_pools, saved_runs
+from swamp_jax import saved_runs
 from swamp_jax import workdir as workdir_lib
+from swamp_jax.analyses import lottery_pools
 
 from .saved_runs_for_analyses import get_saved_run
 

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from swamp_jax import batchnorm, data, ensembles, imp, masking, optimizers, particles, results
+from swamp_jax import batchnorm, data, imp, masking, optimizers, particles, results
+from swamp_jax.analyses import ensembles
 
 from . import equivalence
 

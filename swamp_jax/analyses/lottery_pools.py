@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from swamp_jax import averaging, batchnorm, connectivity, masking, results, saved_runs
+from swamp_jax import averaging, batchnorm, masking, results, saved_runs
 from swamp_jax import workdir as workdir_lib
+from swamp_jax.analyses import connectivity
 
 COEFFICIENTS = tuple(float(c) for c in np.round(np.arange(0.05, 1.0, 0.05), 2))
 
