@@ -30,6 +30,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.dataset.validation_size = 0  # held out of train, for choices; test is reported
   c.dataset.train_size = 0  # train on a fixed subset of this size (a CPU budget); 0: all
   c.dataset.augment = "auto"  # 'auto' (crop+flip for CIFAR), 'yes', 'no'
+  # 'device': the training set in device memory; 'stream': read by grain from the host
+  # (streaming.py); 'auto': 'device' while it takes <= 1/4 of a device's memory.
+  c.dataset.pipeline = "auto"
+  c.dataset.stream_workers = 0  # grain worker processes decoding a stream; 0: in-process
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "lenet5"
@@ -239,6 +243,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(
     config.dataset.augment in ("auto", "yes", "no"),
     f"dataset.augment must be 'auto', 'yes' or 'no', got {config.dataset.augment!r}",
+  )
+  _require(
+    config.dataset.pipeline in ("auto", "device", "stream"),
+    f"dataset.pipeline must be 'auto', 'device' or 'stream', got {config.dataset.pipeline!r}",
+  )
+  _require(
+    config.dataset.stream_workers >= 0,
+    f"dataset.stream_workers must be >= 0, got {config.dataset.stream_workers!r}",
   )
   if config.swa.enabled:
     _require(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,16 @@ import ml_collections
 import numpy as np
 import optax
 
-from swamp_jax import checkpointing, distributed, imp, masking, models, optimizers, particles
+from swamp_jax import (
+  checkpointing,
+  distributed,
+  imp,
+  masking,
+  models,
+  optimizers,
+  particles,
+  streamed_data,
+)
 from swamp_jax import config as config_lib
 from swamp_jax import data as data_lib
 
@@ -51,6 +61,7 @@ class RunSetup:
   rounds: imp.RoundPrograms
   train_data: particles.DeviceData
   eval_data: imp.EvalData
+  stream: Any = None  # streaming.TrainStream of a streamed run (dataset.pipeline)
 
   @property
   def checkpoint_every(self) -> int:
@@ -179,7 +190,9 @@ def create_setup(config, optimizer=None, prune_score=None) -> RunSetup:
   config_lib.validate_config(config)
   factory = resolve_optimizer(config, optimizer)
   placement = create_placement(config)
-  dataset, train_data, eval_data, num_train = load_data(config, placement)
+  streamed = streamed_data.resolve_pipeline(config) == "stream"
+  load = streamed_data.load_streamed_data if streamed else load_data
+  dataset, train_data, eval_data, num_train = load(config, placement)
   model = create_config_model(config, dataset.num_classes)
   spe = data_lib.steps_per_epoch(num_train, config.batch_size)
   if spe < 1:
@@ -240,6 +253,13 @@ def create_setup(config, optimizer=None, prune_score=None) -> RunSetup:
   )
   pretrain_tx = optimizers.masked(factory(ticket_schedule))
   round_tx = optimizers.masked(factory(optimizers.offset_schedule(schedule, rewind_step)))
+  stream = None
+  if streamed:
+    train_data = streamed_data.stage_recompute_images(
+      config, dataset, train_data, batch_stats, placement
+    )
+    programs = {"pretrain": (model, pretrain_tx, pretrain_spec), "rounds": (model, round_tx, spec)}
+    stream = streamed_data.create_train_stream(config, dataset, train_data, programs, placement)
   return RunSetup(
     config=config,
     dataset_name=dataset.name,
@@ -256,6 +276,7 @@ def create_setup(config, optimizer=None, prune_score=None) -> RunSetup:
     rounds=imp.create_round_programs(model, round_tx, spec, prunable, settings, placement),
     train_data=train_data,
     eval_data=eval_data,
+    stream=stream,
   )
 
 

@@ -1,0 +1,326 @@
+"""Streamed input: per-particle batches read from a random-access source by grain.
+
+For training sets that do not fit in device memory (``dataset.pipeline``).
+Each particle visits the training set in exactly the order the in-device path
+gathers inside jit: ``data.compute_epoch_permutation(key, epoch, n)``, the
+same function on the same keys, evaluated here once per epoch and sliced into
+batches. A grain ``MapDataset`` over the epoch's index blocks reads the
+records (a TFDS ``data_source``: array_record, no TensorFlow; or numpy arrays)
+and decodes and augments them, in ``worker_count`` host processes, and each
+process reads only the block of [particles, batch rows] its devices hold.
+
+Resuming needs no iterator state: the orders are a pure function of (particle
+key, epoch, step), the keys are in the checkpointed particle states, and the
+checkpoint records (phase, step); a host augmentation draws from (key, epoch,
+example). A stream started at the checkpoint's step therefore yields exactly
+the batches an uninterrupted stream yields there, which saving grain's
+iterator state would only duplicate (and tie to the worker count).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from swamp_jax import augmentation, distributed, particles
+from swamp_jax import data as data_lib
+
+PIPELINES = ("auto", "device", "stream")
+TRANSFORMS = ("none", "imagenet")
+# 'auto' keeps the training set in device memory while it takes at most this share of one
+# device's memory: a replica sits on every device, next to N particles' weights, optimizer
+# and SWA states, activations and the evaluation sets, for which the rest is left.
+AUTO_DEVICE_FRACTION = 0.25
+_HOST_BATCHES_AHEAD = 2  # grain's read-ahead, in whole [N, batch] blocks (bounded host memory)
+
+
+class ArraySource:
+  """A random-access source over numpy arrays: stored images [n, H, W, C], labels [n]."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    if len(images) != len(labels):
+      raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    self.images, self.labels = images, labels
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, index):
+    return {"image": self.images[index], "label": self.labels[index]}
+
+  def __getitems__(self, indices):
+    return [self[int(i)] for i in indices]
+
+
+class RowsSource:
+  """The rows ``rows`` of ``source`` (a training subset), as a source of their own."""
+
+  def __init__(self, source, rows: np.ndarray):
+    self.source, self.rows = source, np.asarray(rows, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, index):
+    return self.source[int(self.rows[index])]
+
+  def __getitems__(self, indices):
+    return read_records(self.source, self.rows[np.asarray(indices, np.int64)])
+
+
+def read_records(source, indices) -> list:
+  """Records ``indices`` of ``source`` (batched reads where the source has them)."""
+  indices = [int(i) for i in indices]
+  if hasattr(source, "__getitems__"):
+    return list(source.__getitems__(indices))
+  return [source[i] for i in indices]
+
+
+def compute_permutations(keys, epoch: int, num_examples: int) -> np.ndarray:
+  """Each particle's order of ``epoch``, int64 [k, num_examples], on the host.
+
+  ``data.compute_epoch_permutation`` lifted over the keys [k, 2] as the
+  in-device step lifts it, so the orders are the in-device ones.
+  """
+  fn = jax.vmap(lambda key: data_lib.compute_epoch_permutation(key, epoch, num_examples))
+  return np.asarray(jax.device_get(jax.jit(fn)(np.asarray(keys, np.uint32)))).astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchReader:
+  """The grain map of one step: an index block int [k, b] -> (images [k, b, ...], int32
+  labels [k, b]); ``keys`` [k, 2] are the block's particles' keys."""
+
+  source: Any
+  keys: np.ndarray
+  epoch: int
+  transform: str = "none"
+  image_size: int = augmentation.IMAGE_SIZE
+
+  def __call__(self, block):
+    block = np.asarray(block)
+    records = read_records(self.source, block.reshape(-1))
+    labels = np.asarray([r["label"] for r in records], np.int32).reshape(block.shape)
+    if self.transform == "imagenet":
+      owners = np.repeat(np.arange(block.shape[0]), block.shape[1])
+      images = [
+        augmentation.random_resized_crop_and_flip(
+          np.asarray(r["image"]),
+          augmentation.example_rng(self.keys[p], self.epoch, example),
+          self.image_size,
+        )
+        for r, p, example in zip(records, owners, block.reshape(-1), strict=True)
+      ]
+    else:
+      images = [np.asarray(r["image"]) for r in records]
+    images = np.stack(images)
+    return images.reshape(*block.shape, *images.shape[1:]), labels
+
+
+def compute_process_block(sharding, global_shape) -> tuple[slice, ...]:
+  """The block of ``global_shape`` this process's devices hold under ``sharding``
+  (a rectangle: devices of one process are contiguous in the mesh)."""
+  index_map = sharding.addressable_devices_indices_map(tuple(global_shape))
+  block = []
+  for dim, size in enumerate(global_shape):
+    starts = [idx[dim].start or 0 for idx in index_map.values()]
+    stops = [size if idx[dim].stop is None else idx[dim].stop for idx in index_map.values()]
+    block.append(slice(min(starts), max(stops)))
+  return tuple(block)
+
+
+def batch_sharding(num_particles: int, placement) -> NamedSharding | None:
+  """[N, batch, ...] batches: particles over 'particle' (when N divides), rows over 'data'."""
+  if placement is None:
+    return None
+  particle = distributed.PARTICLE if placement.particles(num_particles).spec != P() else None
+  return NamedSharding(placement.mesh, P(particle, distributed.DATA))
+
+
+def iterate_host_batches(
+  source,
+  keys,
+  start_step: int,
+  end_step: int,
+  batch_size: int,
+  *,
+  particle_rows: slice = slice(None),
+  batch_rows: slice = slice(None),
+  transform: str = "none",
+  image_size: int = augmentation.IMAGE_SIZE,
+  worker_count: int = 0,
+):
+  """Host batches of global steps [start_step, end_step), one grain pipeline per epoch.
+
+  Args:
+    source: random-access records ``{'image', 'label'}`` (the training set).
+    keys: every particle's data-order key, uint32 [N, 2].
+    particle_rows, batch_rows: this process's block of the [N, batch] rows;
+      only these records are read.
+    transform: 'none' (stored images) or 'imagenet' (random-resized crop and
+      flip to ``image_size``, drawn from (key, epoch, example)).
+    worker_count: grain worker processes (0: threads of this process).
+
+  Yields:
+    (images [k, b, ...], int32 labels [k, b]) numpy, k and b this process's
+    particles and batch rows.
+  """
+  import grain
+
+  keys = np.asarray(keys, np.uint32)[particle_rows]
+  n = len(source)
+  spe = data_lib.steps_per_epoch(n, batch_size)
+  step = start_step
+  while step < end_step:
+    epoch, first = divmod(step, spe)
+    last = min(spe, first + end_step - step)
+    order = compute_permutations(keys, epoch, n)[:, : spe * batch_size]
+    blocks = order.reshape(len(keys), spe, batch_size)[:, first:last, batch_rows]
+    read = grain.ReadOptions(num_threads=_HOST_BATCHES_AHEAD, prefetch_buffer_size=2)
+    reader = BatchReader(source, keys, epoch, transform, image_size)
+    ds = grain.MapDataset.source(np.ascontiguousarray(blocks.transpose(1, 0, 2))).map(reader)
+    ds = ds.to_iter_dataset(read)
+    if worker_count > 0:
+      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    iterator = iter(ds)
+    try:
+      yield from iterator
+    finally:
+      if hasattr(iterator, "close"):
+        iterator.close()  # worker processes end with the epoch
+    step += last - first
+
+
+def iterate_device_batches(host_batches, num_particles: int, batch_size: int, placement, ahead=1):
+  """Host batches -> global device arrays [N, batch, ...], ``ahead`` transfers in flight
+  (device_put is asynchronous: the next batch moves while a step computes)."""
+  sharding = batch_sharding(num_particles, placement)
+
+  def put(batch):
+    if sharding is None:
+      return jax.device_put(batch)
+    images, labels = batch
+    shapes = ((num_particles, batch_size, *images.shape[2:]), (num_particles, batch_size))
+    return tuple(
+      jax.make_array_from_process_local_data(sharding, x, shape)
+      for x, shape in zip(batch, shapes, strict=True)
+    )
+
+  pending = collections.deque()
+  for batch in host_batches:
+    pending.append(put(batch))
+    if len(pending) > ahead:
+      yield pending.popleft()
+  yield from pending
+
+
+def train_batch(states, mask, step, images, labels, mean, std, *, model, tx, spec, placement=None):
+  """One step of every particle on streamed batches images [N, b, ...], labels [N, b]:
+  ``particles.train_step_on_batch`` lifted over the particles. Returns (states, loss [N])."""
+  n = states.key.shape[0]
+  step_fn = particles.lift_over_particles(
+    functools.partial(particles.train_step_on_batch, model=model, tx=tx, spec=spec),
+    n,
+    placement,
+    in_axes=(0, None, 0, 0, None, None, None),
+  )
+  states, loss = step_fn(
+    particles.constrain_particles(states, n, placement), step, images, labels, mask, mean, std
+  )
+  if placement is not None:
+    loss = jax.lax.with_sharding_constraint(loss, placement.replicated)
+  return particles.constrain_particles(states, n, placement), loss
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStream:
+  """A run's streamed training set and its jitted per-step programs.
+
+  ``steps`` maps 'pretrain' / 'rounds' to ``train_batch`` jitted for that
+  phase's optimizer and step spec.
+  """
+
+  source: Any
+  batch_size: int
+  transform: str
+  image_size: int
+  worker_count: int
+  mean: jax.Array
+  std: jax.Array
+  placement: Any
+  steps: dict
+
+  def batches(self, keys, start_step: int, end_step: int):
+    """Device batches of [start_step, end_step) for particles with ``keys`` [N, 2]."""
+    n = int(np.shape(keys)[0])
+    rows = (slice(None), slice(None))
+    sharding = batch_sharding(n, self.placement)
+    if sharding is not None:
+      rows = compute_process_block(sharding, (n, self.batch_size))
+    host = iterate_host_batches(
+      self.source,
+      keys,
+      start_step,
+      end_step,
+      self.batch_size,
+      particle_rows=rows[0],
+      batch_rows=rows[1],
+      transform=self.transform,
+      image_size=self.image_size,
+      worker_count=self.worker_count,
+    )
+    return iterate_device_batches(host, n, self.batch_size, self.placement)
+
+  def train(self, pretrain: bool, states, mask, batches, start_step: int, num_steps: int):
+    """``num_steps`` steps from ``start_step`` on the next batches; (states, losses [n, N])."""
+    step_fn = self.steps["pretrain" if pretrain else "rounds"]
+    losses = []
+    for step in range(start_step, start_step + num_steps):
+      images, labels = next(batches)
+      states, loss = step_fn(states, mask, np.int32(step), images, labels, self.mean, self.std)
+      losses.append(loss)
+    return states, jax.numpy.stack(losses)
+
+
+def create_step_program(model, tx, spec, placement=None):
+  """``train_batch`` jitted, particle states donated."""
+  return jax.jit(
+    functools.partial(train_batch, model=model, tx=tx, spec=spec, placement=placement),
+    donate_argnums=(0,),
+  )
+
+
+def device_memory_bytes() -> int:
+  """Memory of one local device (bytes_limit where the backend reports it; on CPUs,
+  the host's physical memory shared by the local devices)."""
+  device = jax.local_devices()[0]
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  return total // max(1, jax.local_device_count())
+
+
+def choose_pipeline(pipeline: str, num_examples: int, image_shape, itemsize: int) -> str:
+  """'device' or 'stream' for ``dataset.pipeline``.
+
+  'auto' streams images without a fixed shape (they are cropped on the host)
+  and training sets larger than ``AUTO_DEVICE_FRACTION`` of one device's memory.
+  """
+  if pipeline not in PIPELINES:
+    raise ValueError(f"dataset.pipeline must be one of {PIPELINES}, got {pipeline!r}")
+  if pipeline != "auto":
+    return pipeline
+  if any(d is None for d in image_shape):
+    return "stream"
+  size = num_examples * math.prod(image_shape) * itemsize
+  return "device" if size <= AUTO_DEVICE_FRACTION * device_memory_bytes() else "stream"
