@@ -85,14 +85,19 @@ def read_records(source, indices) -> list:
   return [source[i] for i in indices]
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _compute_permutations(keys, epoch, num_examples: int):
+  return jax.vmap(lambda key: data_lib.compute_epoch_permutation(key, epoch, num_examples))(keys)
+
+
 def compute_permutations(keys, epoch: int, num_examples: int) -> np.ndarray:
   """Each particle's order of ``epoch``, int64 [k, num_examples], on the host.
 
   ``data.compute_epoch_permutation`` lifted over the keys [k, 2] as the
   in-device step lifts it, so the orders are the in-device ones.
   """
-  fn = jax.vmap(lambda key: data_lib.compute_epoch_permutation(key, epoch, num_examples))
-  return np.asarray(jax.device_get(jax.jit(fn)(np.asarray(keys, np.uint32)))).astype(np.int64)
+  perms = _compute_permutations(np.asarray(keys, np.uint32), np.int32(epoch), num_examples)
+  return np.asarray(jax.device_get(perms)).astype(np.int64)
 
 
 @dataclasses.dataclass(frozen=True)

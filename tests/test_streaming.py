@@ -1,0 +1,175 @@
+"""The streamed input pipeline: the in-device orders, resume, ImageNet shapes, 'auto'."""
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import swamp_jax
+from swamp_jax import augmentation, checkpointing, data, models, streamed_data, streaming
+
+from . import equivalence
+from .conftest import create_tiny_config
+
+# LeNet-300-100 on digits (1,437 training images, batches of 128: 11 steps an epoch), no
+# rewind (fewer programs to compile) and two rounds of one epoch.
+RUN_STEPS = 11 * 2
+# The streamed step is another program than the in-device scan (the same math): its sums may
+# run in another order. The largest are over the 300 hidden units and the batch of 128;
+# 3 layers, forward and backward.
+RUN_RTOL = equivalence.training_rtol(RUN_STEPS, 300, depth=6)
+
+
+def _config(pipeline):
+  c = create_tiny_config(num_rounds=1, epochs_per_round=1, rewind_epochs=0)
+  c.dataset.pipeline = pipeline
+  c.checkpoint.every_steps = 8
+  return c
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """A streamed run in a workdir and the in-device run of the same config."""
+  workdir = tmp_path_factory.mktemp("streamed")
+  streamed = swamp_jax.run(_config("stream"), str(workdir))
+  return streamed, swamp_jax.run(_config("device")), workdir
+
+
+def _logits(params, digits):
+  x = data.preprocess(digits.test_images, digits.mean, digits.std)
+  return np.asarray(
+    models.create_model("lenet300_100", 10).apply({"params": params}, x, train=False)
+  )
+
+
+def test_streamed_run_agrees_with_the_in_device_run(runs):
+  streamed, device, _ = runs
+  assert [r.round for r in streamed.rounds] == [0, 1]
+  equivalence.assert_trees_close_normwise(streamed.params, device.params, RUN_RTOL)
+  flat = lambda tree: {
+    jax.tree_util.keystr(p): np.asarray(x)
+    for p, x in jax.tree_util.tree_leaves_with_path(tree)  # noqa: E731
+  }
+  equivalence.assert_masks_agree_except_near_the_threshold(
+    flat(streamed.mask),
+    flat(device.mask),
+    {k: v for k, v in flat(device.params).items() if "kernel" in k},
+    RUN_RTOL,
+  )
+  logits = _logits(device.params, data.load_dataset("digits"))
+  for a, b in zip(streamed.rounds, device.rounds, strict=True):
+    equivalence.assert_accuracies_agree(a.test_accuracy, b.test_accuracy, logits, RUN_RTOL)
+
+
+def test_streamed_run_resumed_mid_epoch_is_bit_identical(runs):
+  streamed, _, workdir = runs
+  shutil.rmtree(workdir / "final_model")  # the run was killed after its last checkpoint
+  newest = max(int(p.name) for p in (workdir / checkpointing.CHECKPOINT_DIR).iterdir())
+  # Checkpoint ids count steps (two rounds of 11): the newest is at step 8 of round 1, in the
+  # middle of an epoch, where the stream resumes.
+  assert newest == 11 + 8
+  resumed = swamp_jax.run(_config("stream"), str(workdir))
+  for a, b in zip(
+    jax.tree_util.tree_leaves((resumed.params, resumed.mask)),
+    jax.tree_util.tree_leaves((streamed.params, streamed.mask)),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(a, b)
+  assert [r.test_accuracy for r in resumed.rounds] == [r.test_accuracy for r in streamed.rounds]
+
+
+def test_host_batches_are_the_in_device_batches_from_any_step_and_block():
+  n, batch, spe = 23, 4, 5
+  source = streaming.ArraySource(np.arange(n, dtype=np.uint8)[:, None, None, None], np.arange(n))
+  keys = np.stack([np.asarray(jax.random.PRNGKey(i), np.uint32) for i in range(3)])
+  # From the middle of epoch 0 across the boundary into epoch 1; particles 1-2, rows 1-2.
+  got = list(
+    streaming.iterate_host_batches(
+      source, keys, 3, 8, batch, particle_rows=slice(1, 3), batch_rows=slice(1, 3)
+    )
+  )
+  assert len(got) == 5
+  for step, (images, labels) in zip(range(3, 8), got, strict=True):
+    assert images.shape == (2, 2, 1, 1, 1) and labels.dtype == np.int32
+    for i, p in enumerate((1, 2)):
+      perm = data.compute_epoch_permutation(keys[p], step // spe, n)
+      idx = np.asarray(data.compute_batch_indices(perm, step % spe, batch))[1:3]
+      np.testing.assert_array_equal(labels[i], idx)
+      np.testing.assert_array_equal(images[i, :, 0, 0, 0], idx)
+
+
+class _OneAtATime:
+  """A source read one record at a time: tfds.testing.mock_data's batched read
+  (``__getitems__``) is broken (it calls its replacement without the keys)."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    return self.source[index]
+
+
+def test_imagenet_like_mock_records_give_224_batches_deterministically():
+  keys = np.stack([np.asarray(jax.random.PRNGKey(i), np.uint32) for i in range(2)])
+  with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+    source = _OneAtATime(tfds.data_source("imagenet2012", split="train"))
+    sizes = {source[i]["image"].shape for i in range(len(source))}
+    assert len(sizes) > 1  # variable-size images
+    run = lambda: list(  # noqa: E731
+      streaming.iterate_host_batches(source, keys, 2, 4, 4, transform="imagenet")
+    )
+    first, again = run(), run()
+    device = list(streaming.iterate_device_batches(iter(first), 2, 4, None))
+    evaluated = streamed_data.read_eval_arrays(source, "imagenet")
+  assert len(first) == 2
+  for (images, labels), (images2, labels2) in zip(first, again, strict=True):
+    assert images.shape == (2, 4, 224, 224, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, images2)
+    np.testing.assert_array_equal(labels, labels2)
+  assert device[0][0].shape == (2, 4, 224, 224, 3)
+  assert not np.array_equal(first[0][0][0], first[0][0][1])  # particles get their own crops
+  assert evaluated[0].shape == (12, 224, 224, 3)
+
+
+def test_random_resized_crop_boxes_follow_the_recipe():
+  rng = np.random.default_rng(0)
+  for height, width in [(300, 400), (500, 120), (64, 64)]:
+    for _ in range(50):
+      top, left, h, w = augmentation.sample_crop_box(height, width, rng)
+      assert top >= 0 and top + h <= height and left >= 0 and left + w <= width
+      area = h * w / (height * width)
+      assert 0.07 <= area <= 1.0
+  a = augmentation.random_resized_crop_and_flip(
+    np.zeros((40, 60, 3), np.uint8), augmentation.example_rng([1, 2], 3, 4)
+  )
+  assert a.shape == (224, 224, 3)
+  image = np.arange(300 * 400 * 3, dtype=np.uint8).reshape(300, 400, 3)
+  crop = augmentation.resize_and_center_crop(image)
+  assert crop.shape == (224, 224, 3)
+
+
+def test_auto_pipeline_keeps_small_sets_on_device_and_streams_large_or_ragged(monkeypatch):
+  monkeypatch.setattr(streaming, "device_memory_bytes", lambda: 1000)
+  assert streaming.choose_pipeline("auto", 250, (1,), 1) == "device"  # 1/4 of the memory
+  assert streaming.choose_pipeline("auto", 251, (1,), 1) == "stream"
+  assert streaming.choose_pipeline("auto", 1, (None, None, 3), 1) == "stream"
+  assert streaming.choose_pipeline("stream", 1, (1,), 1) == "stream"
+  assert streaming.choose_pipeline("device", 10**9, (1,), 1) == "device"
+  monkeypatch.undo()
+  assert streamed_data.resolve_pipeline(create_tiny_config()) == "device"
+
+
+def test_bad_pipeline_values_are_refused_naming_the_field():
+  with pytest.raises(ValueError, match="dataset.pipeline must be 'auto', 'device' or 'stream'"):
+    swamp_jax.validate_config(create_tiny_config(dataset__pipeline="disk"))
+  with pytest.raises(ValueError, match="dataset.stream_workers must be >= 0"):
+    swamp_jax.validate_config(create_tiny_config(dataset__stream_workers=-1))
+  with pytest.raises(ValueError, match="dataset.pipeline must be one of"):
+    streaming.choose_pipeline("disk", 1, (1,), 1)
+  with pytest.raises(ValueError, match="2 images but 3 labels"):
+    streaming.ArraySource(np.zeros((2, 1, 1, 1)), np.zeros(3))
