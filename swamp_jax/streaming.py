@@ -19,7 +19,6 @@ iterator state would only duplicate (and tie to the worker count).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import math
@@ -41,6 +40,9 @@ TRANSFORMS = ("none", "imagenet")
 # and SWA states, activations and the evaluation sets, for which the rest is left.
 AUTO_DEVICE_FRACTION = 0.25
 _HOST_BATCHES_AHEAD = 2  # grain's read-ahead, in whole [N, batch] blocks (bounded host memory)
+# Host images per device call: a stack of steps trains in one compiled loop; ImageNet-size
+# batches go one step at a time.
+STACK_BYTES = 64 << 20
 
 
 class ArraySource:
@@ -144,11 +146,12 @@ def compute_process_block(sharding, global_shape) -> tuple[slice, ...]:
 
 
 def batch_sharding(num_particles: int, placement) -> NamedSharding | None:
-  """[N, batch, ...] batches: particles over 'particle' (when N divides), rows over 'data'."""
+  """Stacked batches [steps, N, batch, ...]: particles over 'particle' (when N divides),
+  rows over 'data'."""
   if placement is None:
     return None
   particle = distributed.PARTICLE if placement.particles(num_particles).spec != P() else None
-  return NamedSharding(placement.mesh, P(particle, distributed.DATA))
+  return NamedSharding(placement.mesh, P(None, particle, distributed.DATA))
 
 
 def iterate_host_batches(
@@ -205,27 +208,23 @@ def iterate_host_batches(
     step += last - first
 
 
-def iterate_device_batches(host_batches, num_particles: int, batch_size: int, placement, ahead=1):
-  """Host batches -> global device arrays [N, batch, ...], ``ahead`` transfers in flight
-  (device_put is asynchronous: the next batch moves while a step computes)."""
+def put_batches(host_batches, num_particles: int, batch_size: int, placement=None):
+  """Host batches of consecutive steps, stacked into global device arrays: images
+  [steps, N, batch, ...] and int32 labels [steps, N, batch] (each process gives its block)."""
+  images = np.stack([x for x, _ in host_batches])
+  labels = np.stack([y for _, y in host_batches])
   sharding = batch_sharding(num_particles, placement)
-
-  def put(batch):
-    if sharding is None:
-      return jax.device_put(batch)
-    images, labels = batch
-    shapes = ((num_particles, batch_size, *images.shape[2:]), (num_particles, batch_size))
-    return tuple(
-      jax.make_array_from_process_local_data(sharding, x, shape)
-      for x, shape in zip(batch, shapes, strict=True)
-    )
-
-  pending = collections.deque()
-  for batch in host_batches:
-    pending.append(put(batch))
-    if len(pending) > ahead:
-      yield pending.popleft()
-  yield from pending
+  if sharding is None:
+    return jax.device_put((images, labels))
+  steps = len(host_batches)
+  shapes = (
+    (steps, num_particles, batch_size, *images.shape[3:]),
+    (steps, num_particles, batch_size),
+  )
+  return tuple(
+    jax.make_array_from_process_local_data(sharding, x, shape)
+    for x, shape in zip((images, labels), shapes, strict=True)
+  )
 
 
 def train_batch(states, mask, step, images, labels, mean, std, *, model, tx, spec, placement=None):
@@ -238,12 +237,28 @@ def train_batch(states, mask, step, images, labels, mean, std, *, model, tx, spe
     placement,
     in_axes=(0, None, 0, 0, None, None, None),
   )
-  states, loss = step_fn(
-    particles.constrain_particles(states, n, placement), step, images, labels, mask, mean, std
-  )
-  if placement is not None:
-    loss = jax.lax.with_sharding_constraint(loss, placement.replicated)
+  states, loss = step_fn(states, step, images, labels, mask, mean, std)
   return particles.constrain_particles(states, n, placement), loss
+
+
+def train_batches(
+  states, mask, start_step, images, labels, mean, std, *, model, tx, spec, placement=None
+):
+  """Steps from ``start_step`` on stacked batches images [k, N, b, ...], labels [k, N, b],
+  one compiled loop (``lax.scan``, as ``particles.train_steps``: on CPUs a loop of k steps
+  runs faster than k calls). Returns (states, losses float32 [k, N])."""
+  n = states.key.shape[0]
+  step_fn = functools.partial(train_batch, model=model, tx=tx, spec=spec, placement=placement)
+
+  def body(states, xs):
+    return step_fn(states, mask, *xs, mean, std)
+
+  steps = start_step + jax.numpy.arange(images.shape[0], dtype=jax.numpy.int32)
+  init = particles.constrain_particles(states, n, placement)
+  states, losses = jax.lax.scan(body, init, (steps, images, labels))
+  if placement is not None:  # every process reads the losses (progress, divergence check)
+    losses = jax.lax.with_sharding_constraint(losses, placement.replicated)
+  return states, losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,42 +279,56 @@ class TrainStream:
   placement: Any
   steps: dict
 
+  def _block(self, num_particles: int):
+    sharding = batch_sharding(num_particles, self.placement)
+    if sharding is None:
+      return slice(None), slice(None)
+    return compute_process_block(sharding, (1, num_particles, self.batch_size))[1:]
+
   def batches(self, keys, start_step: int, end_step: int):
-    """Device batches of [start_step, end_step) for particles with ``keys`` [N, 2]."""
-    n = int(np.shape(keys)[0])
-    rows = (slice(None), slice(None))
-    sharding = batch_sharding(n, self.placement)
-    if sharding is not None:
-      rows = compute_process_block(sharding, (n, self.batch_size))
-    host = iterate_host_batches(
+    """Host batches of [start_step, end_step) for particles with ``keys`` [N, 2]: this
+    process's block of each step's [N, batch] rows (``iterate_host_batches``)."""
+    particle_rows, batch_rows = self._block(int(np.shape(keys)[0]))
+    return iterate_host_batches(
       self.source,
       keys,
       start_step,
       end_step,
       self.batch_size,
-      particle_rows=rows[0],
-      batch_rows=rows[1],
+      particle_rows=particle_rows,
+      batch_rows=batch_rows,
       transform=self.transform,
       image_size=self.image_size,
       worker_count=self.worker_count,
     )
-    return iterate_device_batches(host, n, self.batch_size, self.placement)
 
   def train(self, pretrain: bool, states, mask, batches, start_step: int, num_steps: int):
-    """``num_steps`` steps from ``start_step`` on the next batches; (states, losses [n, N])."""
-    step_fn = self.steps["pretrain" if pretrain else "rounds"]
-    losses = []
-    for step in range(start_step, start_step + num_steps):
-      images, labels = next(batches)
-      states, loss = step_fn(states, mask, np.int32(step), images, labels, self.mean, self.std)
+    """``num_steps`` steps from ``start_step`` on the next ``batches``; (states, losses [n, N]).
+
+    Steps go to the device in stacks of at most ``STACK_BYTES`` of images, counted from
+    ``start_step``: the same stacks, so the same programs, wherever a run resumed (the
+    pieces ``train_phase`` asks for are). Calls return before the device finishes, so the
+    next stack is read while the last one trains.
+    """
+    program = self.steps["pretrain" if pretrain else "rounds"]
+    n = int(states.key.shape[0])
+    losses, step = [], start_step
+    while step < start_step + num_steps:
+      first = next(batches)
+      per_step = first[0].nbytes
+      k = int(min(start_step + num_steps - step, max(1, STACK_BYTES // max(per_step, 1))))
+      group = [first] + [next(batches) for _ in range(k - 1)]
+      images, labels = put_batches(group, n, self.batch_size, self.placement)
+      states, loss = program(states, mask, np.int32(step), images, labels, self.mean, self.std)
       losses.append(loss)
-    return states, jax.numpy.stack(losses)
+      step += k
+    return states, jax.numpy.concatenate(losses)
 
 
 def create_step_program(model, tx, spec, placement=None):
-  """``train_batch`` jitted, particle states donated."""
+  """``train_batches`` jitted, particle states donated."""
   return jax.jit(
-    functools.partial(train_batch, model=model, tx=tx, spec=spec, placement=placement),
+    functools.partial(train_batches, model=model, tx=tx, spec=spec, placement=placement),
     donate_argnums=(0,),
   )
 

@@ -124,14 +124,14 @@ def test_imagenet_like_mock_records_give_224_batches_deterministically():
       streaming.iterate_host_batches(source, keys, 2, 4, 4, transform="imagenet")
     )
     first, again = run(), run()
-    device = list(streaming.iterate_device_batches(iter(first), 2, 4, None))
+    device_images, device_labels = streaming.put_batches(first, 2, 4)
     evaluated = streamed_data.read_eval_arrays(source, "imagenet")
   assert len(first) == 2
   for (images, labels), (images2, labels2) in zip(first, again, strict=True):
     assert images.shape == (2, 4, 224, 224, 3) and images.dtype == np.uint8
     np.testing.assert_array_equal(images, images2)
     np.testing.assert_array_equal(labels, labels2)
-  assert device[0][0].shape == (2, 4, 224, 224, 3)
+  assert device_images.shape == (2, 2, 4, 224, 224, 3) and device_labels.shape == (2, 2, 4)
   assert not np.array_equal(first[0][0][0], first[0][0][1])  # particles get their own crops
   assert evaluated[0].shape == (12, 224, 224, 3)
 
