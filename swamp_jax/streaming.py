@@ -62,6 +62,10 @@ class ArraySource:
   def __getitems__(self, indices):
     return [self[int(i)] for i in indices]
 
+  def read_arrays(self, indices) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of ``indices`` in one gather (no per-record dicts)."""
+    return self.images[indices], self.labels[indices]
+
 
 class RowsSource:
   """The rows ``rows`` of ``source`` (a training subset), as a source of their own."""
@@ -115,6 +119,11 @@ class BatchReader:
 
   def __call__(self, block):
     block = np.asarray(block)
+    if self.transform == "none" and hasattr(self.source, "read_arrays"):
+      images, labels = self.source.read_arrays(block.reshape(-1))
+      return images.reshape(*block.shape, *images.shape[1:]), labels.astype(np.int32).reshape(
+        block.shape
+      )
     records = read_records(self.source, block.reshape(-1))
     labels = np.asarray([r["label"] for r in records], np.int32).reshape(block.shape)
     if self.transform == "imagenet":
