@@ -114,6 +114,21 @@ class _OneAtATime:
     return self.source[index]
 
 
+def test_worker_processes_give_the_batches_of_the_main_process():
+  source = streaming.ArraySource(np.arange(40, dtype=np.uint8)[:, None, None, None], np.arange(40))
+  keys = np.stack([np.asarray(jax.random.PRNGKey(i), np.uint32) for i in range(2)])
+  inline = list(streaming.iterate_host_batches(source, keys, 2, 7, 8))
+  # Copies: a worker's batch lives in shared memory that grain frees with the iterator.
+  workers = [
+    (np.array(x), np.array(y))
+    for x, y in streaming.iterate_host_batches(source, keys, 2, 7, 8, worker_count=2)
+  ]
+  assert len(workers) == len(inline) == 5
+  for (a, b), (c, d) in zip(inline, workers, strict=True):
+    np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(b, d)
+
+
 def test_imagenet_like_mock_records_give_224_batches_deterministically():
   keys = np.stack([np.asarray(jax.random.PRNGKey(i), np.uint32) for i in range(2)])
   with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
