@@ -1,5 +1,6 @@
 """The streamed input pipeline: the in-device orders, resume, ImageNet shapes, 'auto'."""
 
+import os
 import shutil
 
 import jax
@@ -8,69 +9,66 @@ import pytest
 import tensorflow_datasets as tfds
 
 import swamp_jax
-from swamp_jax import augmentation, checkpointing, data, models, streamed_data, streaming
+from swamp_jax import augmentation, checkpointing, data, results, streamed_data, streaming
 
-from . import equivalence
+from . import equivalence, saved_runs_for_analyses
 from .conftest import create_tiny_config
 
-# LeNet-300-100 on digits (1,437 training images, batches of 128: 11 steps an epoch), no
-# rewind (fewer programs to compile) and two rounds of one epoch.
-RUN_STEPS = 11 * 2
+# The shared tiny SWAMP run (saved_runs_for_analyses): LeNet-300-100 on digits less a
+# validation split (1,237 training images, batches of 128: 9 steps an epoch), one epoch to
+# the rewind point and three rounds (0-2) of one epoch, in device memory. Streamed here.
+RUN_STEPS = 9 * 4
 # The streamed step is another program than the in-device scan (the same math): its sums may
 # run in another order. The largest are over the 300 hidden units and the batch of 128;
 # 3 layers, forward and backward.
 RUN_RTOL = equivalence.training_rtol(RUN_STEPS, 300, depth=6)
 
 
-def _config(pipeline):
-  c = create_tiny_config(num_rounds=1, epochs_per_round=1, rewind_epochs=0)
-  c.dataset.pipeline = pipeline
+def _streamed_config():
+  c = saved_runs_for_analyses.create_tiny_swamp_config()
+  c.dataset.pipeline = "stream"
   c.checkpoint.every_steps = 8
   return c
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """A streamed run in a workdir and the in-device run of the same config."""
+  """The streamed run in a workdir, and the workdir of the in-device run of its config."""
   workdir = tmp_path_factory.mktemp("streamed")
-  streamed = swamp_jax.run(_config("stream"), str(workdir))
-  return streamed, swamp_jax.run(_config("device")), workdir
+  streamed = swamp_jax.run(_streamed_config(), str(workdir))
+  return streamed, saved_runs_for_analyses.get_saved_run("swamp", tmp_path_factory), workdir
 
 
-def _logits(params, digits):
-  x = data.preprocess(digits.test_images, digits.mean, digits.std)
-  return np.asarray(
-    models.create_model("lenet300_100", 10).apply({"params": params}, x, train=False)
-  )
+def _flat(tree):
+  return {
+    jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+  }
 
 
 def test_streamed_run_agrees_with_the_in_device_run(runs):
-  streamed, device, _ = runs
-  assert [r.round for r in streamed.rounds] == [0, 1]
-  equivalence.assert_trees_close_normwise(streamed.params, device.params, RUN_RTOL)
-  flat = lambda tree: {
-    jax.tree_util.keystr(p): np.asarray(x)
-    for p, x in jax.tree_util.tree_leaves_with_path(tree)  # noqa: E731
-  }
+  streamed, device_workdir, _ = runs
+  device = swamp_jax.load_final_model(os.path.join(device_workdir, "final_model"))
+  device_rounds = results.read_results(device_workdir)
+  assert [r.round for r in streamed.rounds] == [r.round for r in device_rounds] == [0, 1, 2]
+  equivalence.assert_trees_close_normwise(streamed.params, device["params"], RUN_RTOL)
+  kernels = {k: v for k, v in _flat(device["params"]).items() if "kernel" in k}
   equivalence.assert_masks_agree_except_near_the_threshold(
-    flat(streamed.mask),
-    flat(device.mask),
-    {k: v for k, v in flat(device.params).items() if "kernel" in k},
-    RUN_RTOL,
+    _flat(streamed.mask), _flat(device["mask"]), kernels, RUN_RTOL
   )
-  logits = _logits(device.params, data.load_dataset("digits"))
-  for a, b in zip(streamed.rounds, device.rounds, strict=True):
+  logits = saved_runs_for_analyses.compute_test_logits(device_workdir, device["params"])
+  for a, b in zip(streamed.rounds, device_rounds, strict=True):
     equivalence.assert_accuracies_agree(a.test_accuracy, b.test_accuracy, logits, RUN_RTOL)
+    assert a.remaining == b.remaining
 
 
 def test_streamed_run_resumed_mid_epoch_is_bit_identical(runs):
   streamed, _, workdir = runs
   shutil.rmtree(workdir / "final_model")  # the run was killed after its last checkpoint
   newest = max(int(p.name) for p in (workdir / checkpointing.CHECKPOINT_DIR).iterdir())
-  # Checkpoint ids count steps (two rounds of 11): the newest is at step 8 of round 1, in the
-  # middle of an epoch, where the stream resumes.
-  assert newest == 11 + 8
-  resumed = swamp_jax.run(_config("stream"), str(workdir))
+  # Checkpoint ids count steps (9 to the rewind point, then rounds of 9): the newest is at
+  # global step 16 of round 2, the 8th step of its epoch, where the stream resumes.
+  assert newest == 9 + 9 + 9 + 7
+  resumed = swamp_jax.run(_streamed_config(), str(workdir))
   for a, b in zip(
     jax.tree_util.tree_leaves((resumed.params, resumed.mask)),
     jax.tree_util.tree_leaves((streamed.params, streamed.mask)),
@@ -114,14 +112,14 @@ class _OneAtATime:
     return self.source[index]
 
 
-def test_worker_processes_give_the_batches_of_the_main_process():
+def test_a_worker_process_gives_the_batches_of_the_main_process():
   source = streaming.ArraySource(np.arange(40, dtype=np.uint8)[:, None, None, None], np.arange(40))
   keys = np.stack([np.asarray(jax.random.PRNGKey(i), np.uint32) for i in range(2)])
   inline = list(streaming.iterate_host_batches(source, keys, 2, 7, 8))
   # Copies: a worker's batch lives in shared memory that grain frees with the iterator.
   workers = [
     (np.array(x), np.array(y))
-    for x, y in streaming.iterate_host_batches(source, keys, 2, 7, 8, worker_count=2)
+    for x, y in streaming.iterate_host_batches(source, keys, 2, 7, 8, worker_count=1)
   ]
   assert len(workers) == len(inline) == 5
   for (a, b), (c, d) in zip(inline, workers, strict=True):
