@@ -51,7 +51,7 @@ def resolve_pipeline(config) -> str:
   return streaming.choose_pipeline(d.pipeline, num, shape, itemsize)
 
 
-def _split_rows(num_rows: int, validation_size: int, train_size: int, name: str):
+def split_rows(num_rows: int, validation_size: int, train_size: int, name: str):
   """(train rows, validation rows) as ``data.load_dataset`` chooses them."""
   if not 0 <= validation_size < num_rows:
     raise ValueError(
@@ -108,7 +108,7 @@ def open_dataset(config):
     builder.download_and_prepare()
   transform = "imagenet" if any(s is None for s in shape) else "none"
   source = tfds.data_source(d.name, split="train", data_dir=d.data_dir)
-  train_rows, val_rows = _split_rows(len(source), d.validation_size, d.train_size, d.name)
+  train_rows, val_rows = split_rows(len(source), d.validation_size, d.train_size, d.name)
   train = streaming.RowsSource(source, train_rows)
   test_split = "test" if "test" in builder.info.splits else "validation"
   test = read_eval_arrays(

@@ -78,6 +78,22 @@ def test_streamed_run_resumed_mid_epoch_is_bit_identical(runs):
   assert [r.test_accuracy for r in resumed.rounds] == [r.test_accuracy for r in streamed.rounds]
 
 
+def test_streamed_rows_and_statistics_are_the_in_memory_datasets():
+  full = data.load_dataset("digits")  # every training row, in order
+  subset = data.load_dataset("digits", validation_size=200, train_size=300)
+  train_rows, validation_rows = streamed_data.split_rows(len(full.train_labels), 200, 300, "d")
+  np.testing.assert_array_equal(full.train_images[train_rows], subset.train_images)
+  np.testing.assert_array_equal(full.train_images[validation_rows], subset.validation_images)
+  source = streaming.RowsSource(
+    streaming.ArraySource(full.train_images, full.train_labels), train_rows
+  )
+  mean, std = streamed_data.compute_source_stats(source, chunk=128)
+  np.testing.assert_array_equal(mean, subset.mean)
+  np.testing.assert_array_equal(std, subset.std)
+  with pytest.raises(ValueError, match=r"train_size must be in \[0, 1237\]"):
+    streamed_data.split_rows(len(full.train_labels), 200, 5000, "digits")
+
+
 def test_host_batches_are_the_in_device_batches_from_any_step_and_block():
   n, batch, spe = 23, 4, 5
   source = streaming.ArraySource(np.arange(n, dtype=np.uint8)[:, None, None, None], np.arange(n))
