@@ -29,10 +29,12 @@ from swamp_jax.precision import MixedPrecisionModel, with_compute_dtype
 from swamp_jax.results import RoundResult, SwampResult
 from swamp_jax.runner import run
 from swamp_jax.saved_runs import load_run
+from swamp_jax.streaming import ArraySource, TrainStream, iterate_host_batches
 from swamp_jax.swa import SWAState
 from swamp_jax.workdir import load_final_model, load_round_model
 
 __all__ = [
+  "ArraySource",
   "Dataset",
   "MaskedState",
   "MixedPrecisionModel",
@@ -40,6 +42,7 @@ __all__ = [
   "RoundResult",
   "SWAState",
   "SwampResult",
+  "TrainStream",
   "apply_mask",
   "average_particles",
   "compute_barrier",
@@ -61,6 +64,7 @@ __all__ = [
   "evaluate_ensemble_of_runs",
   "get_default_config",
   "interpolate",
+  "iterate_host_batches",
   "load_dataset",
   "load_final_model",
   "load_round_model",

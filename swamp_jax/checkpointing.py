@@ -54,6 +54,9 @@ NON_MATH_FIELDS = frozenset(
     # may resume on another device count.
     "mesh.particle_axis",
     "mesh.data_axis",
+    # Streamed and in-device batches are the same examples in the same orders.
+    "dataset.pipeline",
+    "dataset.stream_workers",
   }
 )
 

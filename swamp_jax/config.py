@@ -39,6 +39,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   # a resume with other arrays is refused); '' for a dataset the fields above load.
   c.dataset.digest = ""
   c.dataset.shapes = ""
+  # 'device': the training set in device memory; 'stream': read by grain from the host
+  # (streaming.py); 'auto': 'device' while it takes <= 1/4 of a device's memory.
+  c.dataset.pipeline = "auto"
+  c.dataset.stream_workers = 0  # grain worker processes decoding a stream; 0: in-process
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "lenet5"
@@ -282,6 +286,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   )
   for field in ("train_split", "test_split", "image_key", "label_key"):
     _require(bool(config.dataset[field]), f"dataset.{field} must be a non-empty string, got ''")
+  _require(
+    config.dataset.pipeline in ("auto", "device", "stream"),
+    f"dataset.pipeline must be 'auto', 'device' or 'stream', got {config.dataset.pipeline!r}",
+  )
+  _require(
+    config.dataset.stream_workers >= 0,
+    f"dataset.stream_workers must be >= 0, got {config.dataset.stream_workers!r}",
+  )
   if config.swa.enabled:
     _require(
       0.0 <= config.swa.start <= 1.0,

@@ -177,21 +177,9 @@ class Dataset(NamedTuple):
         f"dataset {self.name!r} has its own validation split ({len(self.validation_labels)} "
         f"examples); set dataset.validation_size=0, got {validation_size}"
       )
-    if not 0 <= validation_size < n:
-      raise ValueError(
-        f"validation_size must be in [0, {n}) for {self.name!r}, got {validation_size}"
-      )
-    available = n - validation_size
-    if not 0 <= train_size <= available:
-      raise ValueError(
-        f"train_size must be in [0, {available}] for {self.name!r} with validation_size="
-        f"{validation_size} (0: all), got {train_size}"
-      )
-    order = np.random.default_rng(0).permutation(n)
-    train_idx = np.sort(order[: train_size or available])
+    train_idx, val_idx = compute_held_out_rows(n, validation_size, train_size, self.name)
     x, y = self.train_images, self.train_labels
     if validation_size:
-      val_idx = np.sort(order[n - validation_size :])
       validation = (x[val_idx], y[val_idx])
     else:
       validation = (self.validation_images, self.validation_labels)
@@ -229,6 +217,25 @@ class Dataset(NamedTuple):
       f"validation {self.validation_images.shape}, test {self.test_images.shape}; "
       f"{self.num_classes} classes"
     )
+
+
+def compute_held_out_rows(num_rows: int, validation_size: int, train_size: int, name: str):
+  """(training rows, validation rows) of a training split of ``num_rows`` examples, both
+  sorted: the validation rows are the last ``validation_size`` of a fixed seed-0
+  permutation (the same whatever the run's seed), the training rows its first
+  ``train_size`` (0: all the others), so the two never meet. Streamed runs read the same."""
+  if not 0 <= validation_size < num_rows:
+    raise ValueError(
+      f"validation_size must be in [0, {num_rows}) for {name!r}, got {validation_size}"
+    )
+  available = num_rows - validation_size
+  if not 0 <= train_size <= available:
+    raise ValueError(
+      f"train_size must be in [0, {available}] for {name!r} with validation_size="
+      f"{validation_size} (0: all), got {train_size}"
+    )
+  order = np.random.default_rng(0).permutation(num_rows)
+  return np.sort(order[: train_size or available]), np.sort(order[num_rows - validation_size :])
 
 
 def _empty_like(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -322,7 +329,10 @@ def check_config_dataset(d: ml_collections.ConfigDict) -> None:
         f"{d.train_split!r}, dataset.test_split={d.test_split!r}"
       )
     return
-  builder = tfds_source.create_builder(d.name, d.data_dir, d.image_key, d.label_key)
+  # A streamed run (not 'device') takes inputs of varying shape: it crops them on the host.
+  builder = tfds_source.create_builder(
+    d.name, d.data_dir, d.image_key, d.label_key, fixed_shape=d.pipeline == "device"
+  )
   tfds_source.check_splits(d.name, builder, d.train_split, d.test_split)
 
 

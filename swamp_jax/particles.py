@@ -113,7 +113,7 @@ def train_step(
   spec: StepSpec,
   placement=None,
 ):
-  """One SGD step of one particle at global step ``step``.
+  """One SGD step of one particle at global step ``step``, its batch gathered on device.
 
   Args:
     state: this particle's state.
@@ -129,13 +129,37 @@ def train_step(
   idx = data_lib.compute_batch_indices(permutation, step % spec.steps_per_epoch, spec.batch_size)
   if placement is not None:
     idx = jax.lax.with_sharding_constraint(idx, placement.batch)
-  images = data_lib.preprocess(data.images[idx], data.mean, data.std)
+  return train_step_on_batch(
+    state,
+    step,
+    data.images[idx],
+    data.labels[idx],
+    mask,
+    data.mean,
+    data.std,
+    model=model,
+    tx=tx,
+    spec=spec,
+  )
+
+
+def train_step_on_batch(
+  state: ParticleState, step, images, labels, mask, mean, std, *, model, tx, spec: StepSpec
+):
+  """One SGD step of one particle on a given batch (stored images [b, H, W, C], int32
+  labels [b]): the step of ``train_step`` once its batch is gathered, and of a streamed
+  run (``streaming``) whose batches come from the host.
+
+  Returns:
+    (new state, loss of the batch before the update).
+  """
+  images = data_lib.preprocess(images, mean, std)
   if spec.augment == "crop_flip":
     # A stream apart from the permutations' fold_in(key, epoch).
     aug_key = jax.random.fold_in(jax.random.fold_in(state.key, _AUGMENT_STREAM), step)
     images = data_lib.augment(aug_key, images)
   (loss, batch_stats), grads = jax.value_and_grad(
-    lambda p: compute_loss(model, p, state.batch_stats, images, data.labels[idx]), has_aux=True
+    lambda p: compute_loss(model, p, state.batch_stats, images, labels), has_aux=True
   )(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params, mask=mask)
   params = masking.apply_mask(optax.apply_updates(state.params, updates), mask)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from swamp_jax import (
   models,
   optimizers,
   particles,
+  streamed_data,
 )
 from swamp_jax import config as config_lib
 from swamp_jax import data as data_lib
@@ -61,6 +63,7 @@ class RunSetup:
   rounds: imp.RoundPrograms
   train_data: particles.DeviceData
   eval_data: imp.EvalData
+  stream: Any = None  # streaming.TrainStream of a streamed run (dataset.pipeline)
 
   @property
   def checkpoint_every(self) -> int:
@@ -199,7 +202,9 @@ def create_setup(config, optimizer=None, prune_score=None, model=None, dataset=N
   config_lib.validate_config(config)
   factory = resolve_optimizer(config, optimizer)
   placement = create_placement(config)
-  dataset, train_data, eval_data, num_train = load_data(config, placement, dataset)
+  streamed = streamed_data.resolve_pipeline(config, dataset) == "stream"
+  load = streamed_data.load_streamed_data if streamed else load_data
+  dataset, train_data, eval_data, num_train = load(config, placement, dataset)
   if model is None:
     model = create_config_model(config, dataset.num_classes)
   else:  # a model of the user's, in the config's compute dtype as the config's model
@@ -245,7 +250,8 @@ def create_setup(config, optimizer=None, prune_score=None, model=None, dataset=N
     lambda v: model.apply(v, jnp.zeros((1, *dataset.image_shape), jnp.float32), train=False),
     variables,
   )
-  datasets.check_num_logits(dataset, logits.shape[-1])
+  if not streamed:  # a streamed training set's labels are read as it trains (never all)
+    datasets.check_num_logits(dataset, logits.shape[-1])
   params, batch_stats = placement.replicate((variables["params"], variables.get("batch_stats", {})))
   prunable = masking.compute_prunable(params, config.prune_exclude, config.prune_leaves)
   pruning_rule = masking.PruningRule(config.prune_scope, config.prune_criterion, prune_score)
@@ -275,6 +281,13 @@ def create_setup(config, optimizer=None, prune_score=None, model=None, dataset=N
   )
   pretrain_tx = optimizers.masked(factory(ticket_schedule))
   round_tx = optimizers.masked(factory(optimizers.offset_schedule(schedule, rewind_step)))
+  stream = None
+  if streamed:
+    train_data = streamed_data.stage_recompute_images(
+      config, dataset, train_data, batch_stats, placement
+    )
+    programs = {"pretrain": (model, pretrain_tx, pretrain_spec), "rounds": (model, round_tx, spec)}
+    stream = streamed_data.create_train_stream(config, dataset, train_data, programs, placement)
   return RunSetup(
     config=config,
     dataset_name=dataset.name,
@@ -291,6 +304,7 @@ def create_setup(config, optimizer=None, prune_score=None, model=None, dataset=N
     rounds=imp.create_round_programs(model, round_tx, spec, prunable, settings, placement),
     train_data=train_data,
     eval_data=eval_data,
+    stream=stream,
   )
 
 

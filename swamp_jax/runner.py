@@ -110,8 +110,17 @@ def train_phase(
   chunks = imp.compute_chunks(
     phase_start, start_step, end_step, setup.steps_per_call, setup.checkpoint_every
   )
+  pretrain = phase == checkpointing.PRETRAIN_PHASE
+  batches = None  # a streamed run's batches: a pure function of (keys, step), so resumable
+  if setup.stream is not None:
+    batches = setup.stream.batches(np.asarray(setup.keys(phase)), start_step, end_step)
   for start, n in chunks:
-    states, losses = programs.train(states, mask, setup.train_data, imp.as_step(start), num_steps=n)
+    if batches is None:
+      states, losses = programs.train(
+        states, mask, setup.train_data, imp.as_step(start), num_steps=n
+      )
+    else:
+      states, losses = setup.stream.train(pretrain, states, mask, batches, start, n)
     losses = distributed.to_host(losses)
     if not np.all(np.isfinite(losses)):
       _raise_diverged(losses, phase, start)

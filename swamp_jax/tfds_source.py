@@ -55,8 +55,11 @@ def read_splits(
   return (x_tr, y_tr), (x_te, y_te), num_classes
 
 
-def create_builder(name: str, data_dir: str | None, image_key="image", label_key="label"):
-  """The TFDS builder of a fixed-shape classification dataset, or a ValueError naming why."""
+def create_builder(
+  name: str, data_dir: str | None, image_key="image", label_key="label", fixed_shape=True
+):
+  """The TFDS builder of a classification dataset (of fixed-shape inputs unless not
+  ``fixed_shape``: a streamed run crops them), or a ValueError naming why."""
   import tensorflow_datasets as tfds
 
   try:
@@ -79,11 +82,12 @@ def create_builder(name: str, data_dir: str | None, image_key="image", label_key
       "unknown: read its arrays yourself and use Dataset.from_arrays"
     )
   shape = getattr(features[image_key], "shape", ())
-  if any(d is None for d in shape):
+  if fixed_shape and any(d is None for d in shape):
     raise ValueError(
       f"inputs {image_key!r} of {name!r} vary in shape {tuple(shape)}; a run holds "
-      "fixed-shape inputs on the device: resize them and use Dataset.from_arrays, or pick a "
-      "fixed-size variant of the dataset"
+      "fixed-shape inputs on the device: stream them (dataset.pipeline='stream' or 'auto', "
+      "with ImageNet's random-resized crops), resize them and use Dataset.from_arrays, or "
+      "pick a fixed-size variant of the dataset"
     )
   return builder
 
