@@ -88,10 +88,12 @@ def compute_digests(tree) -> tuple[dict[str, str], list[str]]:
     The digest depends only on each array's shape, dtype and values.
   """
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
-  # Every leaf's program is dispatched before any result is read.
-  results = [_leaf_digest_and_finite(x) for x in jax.tree_util.tree_leaves(tree)]
   digests, non_finite = {}, []
-  for path, (digest, finite) in zip(paths, results, strict=True):
+  for path, x in zip(paths, jax.tree_util.tree_leaves(tree), strict=True):
+    # Each leaf's result is read before the next program starts: on a mesh these programs
+    # reduce across devices, and several in flight at once deadlocked XLA:CPU's collectives
+    # (8 fake devices on 2 cores, a rendezvous that never completed).
+    digest, finite = _leaf_digest_and_finite(x)
     a, b = (int(v) for v in _to_host(digest))
     digests[path] = f"{a:08x}{b:08x}"
     if not bool(_to_host(finite)):
