@@ -12,7 +12,8 @@ statistics float32, so BN models need nothing of their own.
 
 ``with_compute_dtype(model, dtype)`` wraps a model in this policy; the rest
 of the library calls the wrapper as it calls the model (``init``, ``apply``,
-``clone``), so training, evaluation and BatchNorm recompute all use it.
+``compute_batch_statistics``), so training, evaluation and BatchNorm recompute
+all use it.
 """
 
 from __future__ import annotations
@@ -58,27 +59,26 @@ class MixedPrecisionModel:
   def init(self, *args, **kwargs):
     return self.module.init(*args, **kwargs)
 
-  def apply(self, variables, x, *args, **kwargs):
+  def _cast_inputs(self, variables, x):
+    """The float ``params`` and ``x`` in the compute dtype; other collections as they are."""
     dtype = jnp.dtype(self.compute_dtype)
     variables = {
       name: _cast_floats(collection, dtype) if name == "params" else collection
       for name, collection in variables.items()
     }
-    out = self.module.apply(variables, _cast_floats(x, dtype), *args, **kwargs)
-    return _to_float32(out, dtype)
+    return variables, _cast_floats(x, dtype)
+
+  def apply(self, variables, x, *args, **kwargs):
+    out = self.module.apply(*self._cast_inputs(variables, x), *args, **kwargs)
+    return _to_float32(out, jnp.dtype(self.compute_dtype))
 
   def compute_batch_statistics(self, variables, x):
     """``batchnorm.compute_batch_statistics`` of the module, computing as ``apply`` does
     (an NNX module's own method would otherwise skip the cast)."""
     from swamp_jax import batchnorm
 
-    dtype = jnp.dtype(self.compute_dtype)
-    variables = {
-      name: _cast_floats(collection, dtype) if name == "params" else collection
-      for name, collection in variables.items()
-    }
-    stats = batchnorm.compute_batch_statistics(self.module, variables, _cast_floats(x, dtype))
-    return _to_float32(stats, dtype)
+    stats = batchnorm.compute_batch_statistics(self.module, *self._cast_inputs(variables, x))
+    return _to_float32(stats, jnp.dtype(self.compute_dtype))
 
   def clone(self, **updates) -> MixedPrecisionModel:
     return dataclasses.replace(self, module=self.module.clone(**updates))

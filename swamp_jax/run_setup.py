@@ -238,7 +238,7 @@ def create_setup(config, optimizer=None, prune_score=None, model=None, dataset=N
   )
   # The dense phase before the ticket: one network, no SWA.
   pretrain_spec = dataclasses.replace(spec, swa_start_step=rewind_step + 1)
-  variables = models.check_model(
+  variables, num_logits = models.check_model(
     model,
     dataset.image_shape,
     dataset.num_classes,
@@ -246,12 +246,8 @@ def create_setup(config, optimizer=None, prune_score=None, model=None, dataset=N
     config.prune_leaves,
     config.prune_exclude,
   )
-  logits = jax.eval_shape(
-    lambda v: model.apply(v, jnp.zeros((1, *dataset.image_shape), jnp.float32), train=False),
-    variables,
-  )
   if not streamed:  # a streamed training set's labels are read as it trains (never all)
-    datasets.check_num_logits(dataset, logits.shape[-1])
+    datasets.check_num_logits(dataset, num_logits)
   params, batch_stats = placement.replicate((variables["params"], variables.get("batch_stats", {})))
   prunable = masking.compute_prunable(params, config.prune_exclude, config.prune_leaves)
   pruning_rule = masking.PruningRule(config.prune_scope, config.prune_criterion, prune_score)

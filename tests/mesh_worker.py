@@ -43,35 +43,31 @@ def get_config(arg: str = "lenet5,4"):
   return make_config(model, int(num_particles))
 
 
-def flatten_result(out) -> dict:
-  """A ``SwampResult`` as named arrays: the final model, mask and every round's accuracies."""
+def _flatten(params, mask, batch_stats, rounds) -> dict:
   import jax
 
   flat = {}
-  for name, tree in (("params", out.params), ("mask", out.mask), ("bs", out.batch_stats)):
+  for name, tree in (("params", params), ("mask", mask), ("bs", batch_stats)):
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
       flat[f"{name}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
-  flat["accuracy"] = np.asarray([r.test_accuracy for r in out.rounds])
-  flat["particle_accuracy"] = np.asarray([r.particle_test_accuracy for r in out.rounds])
+  flat["accuracy"] = np.asarray([r.test_accuracy for r in rounds])
+  flat["particle_accuracy"] = np.asarray([r.particle_test_accuracy for r in rounds])
   return flat
+
+
+def flatten_result(out) -> dict:
+  """A ``SwampResult`` as named arrays: the final model, mask and every round's accuracies."""
+  return _flatten(out.params, out.mask, out.batch_stats, out.rounds)
 
 
 def flatten_workdir(workdir) -> dict:
   """``flatten_result``'s arrays for a finished run's workdir (its final model and results)."""
-  import jax
-
   from swamp_jax import results
   from swamp_jax import workdir as workdir_lib
 
   final = workdir_lib.load_final_model(f"{workdir}/{workdir_lib.FINAL_MODEL_DIR}")
-  flat = {}
-  for name, key in (("params", "params"), ("mask", "mask"), ("bs", "batch_stats")):
-    for path, leaf in jax.tree_util.tree_leaves_with_path(final[key]):
-      flat[f"{name}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
   rounds = results.read_results(str(workdir))
-  flat["accuracy"] = np.asarray([r.test_accuracy for r in rounds])
-  flat["particle_accuracy"] = np.asarray([r.particle_test_accuracy for r in rounds])
-  return flat
+  return _flatten(final["params"], final["mask"], final["batch_stats"], rounds)
 
 
 def record_reference(config, workdir, rounds) -> dict:

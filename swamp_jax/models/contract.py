@@ -41,7 +41,9 @@ def check_train_argument(model) -> None:
     )
 
 
-def check_model(model, input_shape, num_classes: int, key, prune_leaves, prune_exclude) -> dict:
+def check_model(
+  model, input_shape, num_classes: int, key, prune_leaves, prune_exclude
+) -> tuple[dict, int]:
   """Initializes ``model`` on inputs of ``input_shape`` and checks the contract.
 
   Args:
@@ -52,7 +54,8 @@ def check_model(model, input_shape, num_classes: int, key, prune_leaves, prune_e
     prune_leaves, prune_exclude: as ``config.prune_leaves`` / ``config.prune_exclude``.
 
   Returns:
-    The initial variables ``{'params': ..., 'batch_stats': ... (possibly {})}``.
+    ``(variables, num_logits)``: the initial variables ``{'params': ..., 'batch_stats':
+    ... (possibly {})}`` and the number of logits the model returns.
 
   Raises:
     ValueError: naming the broken part: no ``train`` argument, collections other
@@ -99,7 +102,7 @@ def check_model(model, input_shape, num_classes: int, key, prune_leaves, prune_e
       f"the model {name} has no prunable weights ({e}); its param leaves are named "
       f"{names}: set config.prune_leaves (e.g. ('kernel', 'embedding'))"
     ) from e
-  return variables
+  return variables, shape[1]
 
 
 def _leaf_paths(params):
