@@ -1,4 +1,5 @@
-"""One training chunk of ResNet-20 (BatchNorm) on one device and on a mesh (for test_mesh.py).
+"""One training chunk of mesh_worker's small BatchNorm CNN on one device and on a mesh
+(for test_mesh.py).
 
   XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/bn_step_worker.py OUT_DIR
 
@@ -13,10 +14,11 @@ import numpy as np
 def main(out, particle_axis, data_axis, num_steps=2):
   import jax
   import jax.numpy as jnp
+  from mesh_worker import SmallBatchNormNet
 
-  from swamp_jax import distributed, imp, masking, models, optimizers, particles
+  from swamp_jax import distributed, imp, masking, optimizers, particles
 
-  model = models.create_model("resnet20", 10, "im2col")
+  model = SmallBatchNormNet(10, "im2col")
   rng = np.random.default_rng(0)
   images = rng.integers(0, 16, (256, 8, 8, 1)).astype(np.uint8)
   labels = rng.integers(0, 10, 256).astype(np.int32)

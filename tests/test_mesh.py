@@ -45,6 +45,14 @@ RUN_STEPS = 22 * (1 + 2 * 1)
 LENET5_LAYERS = 5
 RUN_RTOL = equivalence.training_rtol(RUN_STEPS, 64 * 8 * 8, depth=2 * LENET5_LAYERS)
 
+# The BatchNorm tests (BN steps on a mesh, the two-process runs) use mesh_worker's small
+# BatchNorm CNN: 2 convs, 2 BatchNorms and the head, 5 reductions in sequence forward and as
+# many backward, at a fraction of WRN-10-1's compile time. The two-process runs have 2
+# particles, one in each process, launched from the command line with mesh_worker's config.
+TWO_PROCESS_CONFIG = "tests/mesh_worker.py:small_bn,2"
+SMALL_BN_LAYERS = 5
+SMALL_BN_RTOL = equivalence.training_rtol(RUN_STEPS, 64 * 8 * 8, depth=2 * SMALL_BN_LAYERS)
+
 
 def _leaves(npz, prefix):
   return {k[len(prefix) :]: npz[k] for k in npz if k.startswith(prefix)}
@@ -121,10 +129,10 @@ def test_batchnorm_steps_with_the_batch_split_over_data_equal_one_device(tmp_pat
   assert proc.returncode == 0, proc.stderr[-4000:]
   results = {name: np.load(tmp_path / f"{name}.npz") for name in ("none", "mesh")}
   a, b = results["none"], results["mesh"]
-  # 2 steps of ResNet-20 (21 convs and a dense layer, 21 BatchNorms: 43 reductions in sequence
-  # forward, as many backward) whose batch of 64 images of 8x8 is split over 2 devices: the
-  # batch statistics and the weight gradients sum 4,096 terms in another order.
-  rtol = equivalence.training_rtol(2, 64 * 8 * 8, depth=2 * 43)
+  # 2 steps of the small BatchNorm CNN (SMALL_BN_LAYERS reductions in sequence forward, as
+  # many backward) whose batch of 64 images of 8x8 is split over 2 devices: the batch
+  # statistics and the weight gradients sum 4,096 terms in another order.
+  rtol = equivalence.training_rtol(2, 64 * 8 * 8, depth=2 * SMALL_BN_LAYERS)
   # One scale for the network's state; the losses are a quantity of their own.
   state = [k for k in a.files if k.startswith("state")]
   scale = equivalence.tree_scale({k: a[k] for k in state})
@@ -137,14 +145,6 @@ def _free_port():
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
-
-
-# The two-process runs: WRN-10-1 (BatchNorm; a stem conv, one pre-activation block per stage,
-# a final BN and the head: 15 reductions in sequence forward, as many backward), 2 particles,
-# one in each process, launched from the command line with mesh_worker's config.
-TWO_PROCESS_CONFIG = "tests/mesh_worker.py:wrn10_1,2"
-WRN10_LAYERS = 15
-WRN10_RTOL = equivalence.training_rtol(RUN_STEPS, 64 * 8 * 8, depth=2 * WRN10_LAYERS)
 
 
 def _launch_two_processes(work):
@@ -199,10 +199,10 @@ def test_two_processes_with_batchnorm_give_the_result_of_one(two_process_run, tm
   from .mesh_worker import flatten_workdir
 
   two = flatten_workdir(two_process_run)
-  one = _reference(tmp_path / "one", model="wrn10_1", num_particles=2)
+  one = _reference(tmp_path / "one", model="small_bn", num_particles=2)
   # Padding rows of the split training set must not enter the BN recompute: they would change
   # its batches (the permutation's length) and every recomputed statistic.
-  _assert_same_run(two, one, WRN10_RTOL, layers=WRN10_LAYERS)
+  _assert_same_run(two, one, SMALL_BN_RTOL, layers=SMALL_BN_LAYERS)
   # Results written once, not once per process.
   assert len((two_process_run / "results.jsonl").read_text().splitlines()) == 2
 
