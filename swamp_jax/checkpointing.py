@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from swamp_jax import config as config_lib
@@ -131,6 +132,18 @@ def create_manager(workdir: str, keep: int):
   )
 
 
+# One program copies the whole state (on its devices, in its shardings): copying leaf by leaf
+# compiles a program for every leaf shape, again in every process that saves.
+_copy_tree = jax.jit(lambda tree: jax.tree_util.tree_map(jnp.copy, tree))
+
+
+def _copy_arrays(tree):
+  arrays = [isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(tree)]
+  if not all(arrays):  # host values (tests, tools) are saved as they are
+    return jax.tree_util.tree_map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
+  return _copy_tree(tree)
+
+
 def save(manager, point: ResumePoint, config, rewind_step: int, end_step: int) -> None:
   """Saves ``point`` asynchronously.
 
@@ -140,7 +153,7 @@ def save(manager, point: ResumePoint, config, rewind_step: int, end_step: int) -
   import orbax.checkpoint as ocp
 
   state = {"ticket": point.ticket, "mask": point.mask, "particles": point.particles}
-  state = jax.tree_util.tree_map(lambda x: x.copy() if isinstance(x, jax.Array) else x, state)
+  state = _copy_arrays(state)
   digests, _ = integrity.compute_digests(state)
   meta = {
     "format": FORMAT_VERSION,

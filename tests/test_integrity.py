@@ -55,7 +55,7 @@ tree = _tree()
 tree["w"] = jax.device_put(tree["w"], NamedSharding(mesh, P("particle")))
 tree["mask"] = jax.device_put(tree["mask"], NamedSharding(mesh, P()))
 assert len(tree["w"].addressable_shards) == 4
-print(json.dumps(integrity.compute_digests(tree)))
+print(json.dumps(integrity.compute_digests(tree, host_max_elements=0)))  # on the shards
 """
 
 
@@ -64,3 +64,20 @@ def test_digest_of_a_sharded_array_equals_the_unsharded_one():
   assert proc.returncode == 0, proc.stderr[-2000:]
   sharded = json.loads(proc.stdout.strip().splitlines()[-1])
   assert sharded == [integrity.compute_digests(_tree())[0], []]
+
+
+def test_host_and_device_digests_are_the_same_for_every_dtype_and_shape():
+  rng = np.random.default_rng(0)
+  leaves = {
+    "f32": rng.normal(size=(3, 5)).astype(np.float32),
+    "bf16": jnp.asarray(rng.normal(size=(7,)), jnp.bfloat16),
+    "bool": rng.random((2, 3, 4)) < 0.5,
+    "u32": np.asarray(jax.random.PRNGKey(5)),
+    "i8": rng.integers(-128, 127, (9,)).astype(np.int8),
+    "scalar": np.float32(-2.5),
+    "f64": rng.normal(size=(4,)),  # float32 to jax without x64, on either path
+    "nan": np.asarray([1.0, np.nan], np.float32),
+  }
+  host = integrity.compute_digests(leaves)
+  device = integrity.compute_digests(jax.tree_util.tree_map(jnp.asarray, leaves), 0)
+  assert host == device and host[1] == ["['nan']"]
