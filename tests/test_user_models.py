@@ -330,6 +330,16 @@ def test_a_passed_model_trains_and_saved_runs_say_to_register_it(tmp_path):
   with pytest.raises(ValueError, match=r"passed as an object.*_ConvBNNet.*register_model"):
     saved_runs.load_run(str(tmp_path / "run"))
   assert masking.compute_sparsity(out.mask, masking.compute_prunable(out.params)) == 0.0
+  # The public round takes the model again: from the config's ticket on the run's mask it
+  # is the run's round 0, the same programs on the same steps.
+  again = swamp_jax.train_round(config, None, out.mask, 0, model=_ConvBNNet())
+  for a, b in zip(
+    jax.tree.leaves((out.params, out.batch_stats)),
+    jax.tree.leaves((again.params, again.batch_stats)),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(a, b)
+  assert float(again.metrics["average/test_accuracy"]) == out.final.test_accuracy
 
 
 def test_configs_example_registers_its_model_from_a_user_module(tmp_path):
