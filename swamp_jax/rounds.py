@@ -114,17 +114,21 @@ def train_round(
   if not isinstance(round_index, int | np.integer) or round_index < 0:
     raise ValueError(f"round_index must be an integer >= 0, got {round_index!r}")
   setup = _create_setup(config, model, dataset, optimizer, prune_score)
-  _check_fits("mask", mask, setup.params)
+  _check_fits("mask", mask, setup.initial.params)
   if ticket is not None:
-    _check_fits("ticket.params", ticket.params, setup.params)
-    _check_fits("ticket.batch_stats", ticket.batch_stats, setup.batch_stats)
+    _check_fits("ticket.params", ticket.params, setup.initial.params)
+    _check_fits("ticket.batch_stats", ticket.batch_stats, setup.initial.batch_stats)
   # Host arrays: the programs place them wherever their inputs are meant to live.
   mask = jax.tree_util.tree_map(lambda m: np.asarray(m, np.bool_), mask)
   if ticket is None:
     ticket = runner.compute_ticket(setup)
   round_index = int(round_index)
-  states = setup.start(round_index, ticket, mask)
-  states = runner.train_phase(setup, round_index, states, mask, setup.rewind_step, setup.end_step)
+  states = run_setup.start_phase(setup, round_index, ticket, mask)
+  states = runner.train_phase(
+    setup, round_index, states, mask, setup.steps.rewind_step, setup.steps.end_step
+  )
   prune_key = imp.prune_key(setup.config.seed, round_index)
-  out = setup.rounds.finish(states, mask, setup.train_data, setup.eval_data, prune_key)
+  out = setup.programs.rounds.finish(
+    states, mask, setup.data.train_data, setup.data.eval_data, prune_key
+  )
   return distributed.to_host(out)
