@@ -23,7 +23,7 @@ from flax import nnx
 import swamp_jax
 from swamp_jax import batchnorm, checkpointing, masking, models, saved_runs
 
-from .conftest import REPO, create_fake_device_env, create_tiny_config
+from .conftest import REPO, compute_once_per_session, create_fake_device_env, create_tiny_config
 
 
 class TinyViT(nn.Module):
@@ -102,13 +102,23 @@ CONFIGS = {"test_vit": create_vit_config, "test_nnx": create_nnx_config}
 
 @pytest.fixture(scope="module")
 def train_once(tmp_path_factory):
-  """``train_once(name)``: the run of ``CONFIGS[name]``, trained once for the module."""
+  """``train_once(name)``: the run of ``CONFIGS[name]`` as its workdir holds it, trained once
+  per test session (by whichever pytest-xdist worker asks first)."""
   runs = {}
 
   def train(name):
     if name not in runs:
-      workdir = tmp_path_factory.mktemp(name) / "run"
-      runs[name] = swamp_jax.run(CONFIGS[name](), str(workdir))
+      folder = compute_once_per_session(
+        tmp_path_factory,
+        f"user_model_{name}",
+        lambda folder: swamp_jax.run(CONFIGS[name](), str(folder / "run")),
+      )
+      workdir = str(folder / "run")
+      final = swamp_jax.load_final_model(os.path.join(workdir, "final_model"))
+      rounds = swamp_jax.read_results(workdir)
+      runs[name] = swamp_jax.SwampResult(
+        rounds, final["params"], final["batch_stats"], final["mask"], workdir
+      )
     return runs[name]
 
   return train
@@ -199,7 +209,7 @@ def test_resumes_bit_identically_after_sigkill(name, train_once, tmp_path):
     time.sleep(0.02)
   proc.send_signal(signal.SIGKILL)
   assert proc.wait() == -signal.SIGKILL and not (workdir / "final_model").exists()
-  resumed = swamp_jax.run(CONFIGS[name](), str(workdir))  # in this process, as train_once
+  resumed = swamp_jax.run(CONFIGS[name](), str(workdir))  # in this process
   for a, b in zip(
     jax.tree_util.tree_leaves(
       (uninterrupted.params, uninterrupted.batch_stats, uninterrupted.mask)
