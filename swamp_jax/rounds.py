@@ -65,7 +65,7 @@ def compute_ticket(config, *, model=None, dataset=None, optimizer=None) -> Ticke
     A ``Ticket(params, batch_stats)`` of host numpy arrays (no particle axis).
   """
   setup = _create_setup(config, model, dataset, optimizer)
-  return distributed.to_host(runner.compute_ticket(setup))
+  return distributed.to_host(runner.train_ticket(setup))
 
 
 def train_round(
@@ -121,7 +121,7 @@ def train_round(
   # Host arrays: the programs place them wherever their inputs are meant to live.
   mask = jax.tree_util.tree_map(lambda m: np.asarray(m, np.bool_), mask)
   if ticket is None:
-    ticket = runner.compute_ticket(setup)
+    ticket = runner.train_ticket(setup)
   round_index = int(round_index)
   states = run_setup.start_phase(setup, round_index, ticket, mask)
   states = runner.train_phase(

@@ -131,7 +131,7 @@ def train_phase(
   return states
 
 
-def compute_ticket(setup: run_setup.RunSetup, states=None) -> imp.Ticket:
+def train_ticket(setup: run_setup.RunSetup, states=None) -> imp.Ticket:
   """The ticket: weights and BN statistics at the rewind step T0.
 
   Args:
@@ -184,7 +184,7 @@ def _train(setup: run_setup.RunSetup, point: checkpointing.ResumePoint, manager,
       raise
 
   if phase == checkpointing.PRETRAIN_PHASE:
-    ticket = compute_ticket(setup, run_phase(phase, step, states, setup.steps.rewind_step))
+    ticket = train_ticket(setup, run_phase(phase, step, states, setup.steps.rewind_step))
     if workdir is not None:
       with _interrupts_deferred():
         workdir_lib.save_tree(os.path.join(workdir, workdir_lib.TICKET_DIR), ticket._asdict())
