@@ -26,7 +26,8 @@ from swamp_jax.masking import (
 from swamp_jax.models import create_model, register_model
 from swamp_jax.optimizers import MaskedState, create_learning_rate_schedule, masked
 from swamp_jax.precision import MixedPrecisionModel, with_compute_dtype
-from swamp_jax.results import RoundResult, SwampResult
+from swamp_jax.results import RoundResult, SwampResult, read_results
+from swamp_jax.rounds import RoundOutput, Ticket, compute_ticket, train_round
 from swamp_jax.runner import run
 from swamp_jax.saved_runs import load_run
 from swamp_jax.streaming import ArraySource, TrainStream, iterate_host_batches
@@ -39,9 +40,11 @@ __all__ = [
   "MaskedState",
   "MixedPrecisionModel",
   "PruningRule",
+  "RoundOutput",
   "RoundResult",
   "SWAState",
   "SwampResult",
+  "Ticket",
   "TrainStream",
   "apply_mask",
   "average_particles",
@@ -56,6 +59,7 @@ __all__ = [
   "compute_round_connectivity",
   "compute_round_hessian_trace",
   "compute_sparsity",
+  "compute_ticket",
   "create_dense_mask",
   "create_learning_rate_schedule",
   "create_mesh",
@@ -70,11 +74,13 @@ __all__ = [
   "load_round_model",
   "load_run",
   "masked",
+  "read_results",
   "recompute_batch_stats",
   "register_model",
   "retrain_on_mask",
   "retrain_on_saved_mask",
   "run",
+  "train_round",
   "validate_config",
   "with_compute_dtype",
 ]

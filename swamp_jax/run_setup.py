@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,44 +46,69 @@ def resolve_optimizer(config, optimizer) -> optimizers.OptimizerFactory:
   )
 
 
-@dataclasses.dataclass(frozen=True)
-class RunSetup:
-  """Everything a run derives from its config before training."""
+class StepCounts(NamedTuple):
+  """A run's step numbers, in global steps (``rewind_step`` counts the dense phase)."""
 
-  config: ml_collections.ConfigDict
-  dataset_name: str
   spe: int  # steps per epoch
   rewind_step: int  # T0
   end_step: int  # T
-  params: object  # initial weights
-  batch_stats: object
-  prunable: object
-  placement: distributed.Placement
-  pretrain: imp.RoundPrograms
-  rounds: imp.RoundPrograms
+  checkpoint_every: int  # config.checkpoint.every_steps (0: at rounds' ends only)
+  steps_per_call: int  # steps per compiled call: config.epochs_per_call epochs
+
+
+class InitialWeights(NamedTuple):
+  """The model's initialization on the mesh (replicated) and which leaves are prunable."""
+
+  params: Any
+  batch_stats: Any
+  prunable: Any  # bool pytree like params
+
+
+class RunData(NamedTuple):
+  """The run's data on the mesh."""
+
   train_data: particles.DeviceData
   eval_data: imp.EvalData
   stream: Any = None  # streaming.TrainStream of a streamed run (dataset.pipeline)
 
-  @property
-  def checkpoint_every(self) -> int:
-    return self.config.checkpoint.every_steps
 
-  @property
-  def steps_per_call(self) -> int:
-    return self.config.epochs_per_call * self.spe
+class RunPrograms(NamedTuple):
+  """The jitted round programs: the dense phase before the ticket, and the rounds."""
 
-  def programs(self, phase: int) -> imp.RoundPrograms:
-    return self.pretrain if phase == checkpointing.PRETRAIN_PHASE else self.rounds
+  pretrain: imp.RoundPrograms
+  rounds: imp.RoundPrograms
 
-  def keys(self, phase: int) -> jax.Array:
-    if phase == checkpointing.PRETRAIN_PHASE:
-      return imp.pretrain_key(self.config.seed)[None]
-    n = config_lib.num_particles_in_round(self.config, phase)
-    return jnp.stack([imp.particle_key(self.config.seed, phase, i) for i in range(n)])
 
-  def start(self, phase: int, ticket: imp.Ticket, mask):
-    return self.programs(phase).start(ticket.params, ticket.batch_stats, mask, self.keys(phase))
+@dataclasses.dataclass(frozen=True)
+class RunSetup:
+  """Everything a run derives from its config before training, in parts of one concern."""
+
+  config: ml_collections.ConfigDict
+  dataset_name: str
+  steps: StepCounts
+  initial: InitialWeights
+  placement: distributed.Placement
+  data: RunData
+  programs: RunPrograms
+
+
+def phase_programs(programs: RunPrograms, phase: int) -> imp.RoundPrograms:
+  """The programs that train ``phase`` (``checkpointing.PRETRAIN_PHASE`` or a round)."""
+  return programs.pretrain if phase == checkpointing.PRETRAIN_PHASE else programs.rounds
+
+
+def phase_keys(config, phase: int) -> jax.Array:
+  """The data-order keys [n, 2] of ``phase``'s particles (one for the dense phase)."""
+  if phase == checkpointing.PRETRAIN_PHASE:
+    return imp.pretrain_key(config.seed)[None]
+  n = config_lib.num_particles_in_round(config, phase)
+  return jnp.stack([imp.particle_key(config.seed, phase, i) for i in range(n)])
+
+
+def start_phase(setup: RunSetup, phase: int, ticket: imp.Ticket, mask):
+  """``phase``'s particles rewound to ``ticket`` under ``mask``."""
+  start = phase_programs(setup.programs, phase).start
+  return start(ticket.params, ticket.batch_stats, mask, phase_keys(setup.config, phase))
 
 
 def create_placement(config, warn: bool = True) -> distributed.Placement:
@@ -287,37 +312,41 @@ def create_setup(config, optimizer=None, prune_score=None, model=None, dataset=N
   return RunSetup(
     config=config,
     dataset_name=dataset.name,
-    spe=spe,
-    rewind_step=rewind_step,
-    end_step=end_step,
-    params=params,
-    batch_stats=batch_stats,
-    prunable=prunable,
-    placement=placement,
-    pretrain=imp.create_round_programs(
-      model, pretrain_tx, pretrain_spec, prunable, settings, placement
+    steps=StepCounts(
+      spe=spe,
+      rewind_step=rewind_step,
+      end_step=end_step,
+      checkpoint_every=config.checkpoint.every_steps,
+      steps_per_call=config.epochs_per_call * spe,
     ),
-    rounds=imp.create_round_programs(model, round_tx, spec, prunable, settings, placement),
-    train_data=train_data,
-    eval_data=eval_data,
-    stream=stream,
+    initial=InitialWeights(params, batch_stats, prunable),
+    placement=placement,
+    data=RunData(train_data, eval_data, stream),
+    programs=RunPrograms(
+      pretrain=imp.create_round_programs(
+        model, pretrain_tx, pretrain_spec, prunable, settings, placement
+      ),
+      rounds=imp.create_round_programs(model, round_tx, spec, prunable, settings, placement),
+    ),
   )
 
 
 def create_initial_point(setup: RunSetup) -> checkpointing.ResumePoint:
-  phase = checkpointing.PRETRAIN_PHASE if setup.rewind_step > 0 else 0
-  ticket = imp.Ticket(setup.params, setup.batch_stats)
-  mask = setup.placement.replicate(masking.create_dense_mask(setup.params))
-  step = 0 if phase == checkpointing.PRETRAIN_PHASE else setup.rewind_step
-  return checkpointing.ResumePoint(phase, step, ticket, mask, setup.start(phase, ticket, mask), [])
+  rewind_step = setup.steps.rewind_step
+  phase = checkpointing.PRETRAIN_PHASE if rewind_step > 0 else 0
+  ticket = imp.Ticket(setup.initial.params, setup.initial.batch_stats)
+  mask = setup.placement.replicate(masking.create_dense_mask(setup.initial.params))
+  step = 0 if phase == checkpointing.PRETRAIN_PHASE else rewind_step
+  states = start_phase(setup, phase, ticket, mask)
+  return checkpointing.ResumePoint(phase, step, ticket, mask, states, [])
 
 
 def create_abstract_state(setup: RunSetup, phase: int) -> dict:
   """Shapes and dtypes of a checkpoint's state at ``phase``, to restore into."""
-  ticket = imp.Ticket(setup.params, setup.batch_stats)
-  mask = masking.create_dense_mask(setup.params)
+  ticket = imp.Ticket(setup.initial.params, setup.initial.batch_stats)
+  mask = masking.create_dense_mask(setup.initial.params)
   shapes = jax.eval_shape(
-    lambda: {"ticket": ticket, "mask": mask, "particles": setup.start(phase, ticket, mask)}
+    lambda: {"ticket": ticket, "mask": mask, "particles": start_phase(setup, phase, ticket, mask)}
   )
   # Restore onto this run's mesh, whatever mesh wrote the checkpoint.
   n = int(shapes["particles"].key.shape[0])

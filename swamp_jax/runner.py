@@ -105,22 +105,24 @@ def train_phase(
   Raises:
     FloatingPointError: a loss is NaN or inf (naming phase, step, particle).
   """
-  programs = setup.programs(phase)
-  phase_start = 0 if phase == checkpointing.PRETRAIN_PHASE else setup.rewind_step
+  programs = run_setup.phase_programs(setup.programs, phase)
+  phase_start = 0 if phase == checkpointing.PRETRAIN_PHASE else setup.steps.rewind_step
   chunks = imp.compute_chunks(
-    phase_start, start_step, end_step, setup.steps_per_call, setup.checkpoint_every
+    phase_start, start_step, end_step, setup.steps.steps_per_call, setup.steps.checkpoint_every
   )
   pretrain = phase == checkpointing.PRETRAIN_PHASE
   batches = None  # a streamed run's batches: a pure function of (keys, step), so resumable
-  if setup.stream is not None:
-    batches = setup.stream.batches(np.asarray(setup.keys(phase)), start_step, end_step)
+  if setup.data.stream is not None:
+    batches = setup.data.stream.batches(
+      np.asarray(run_setup.phase_keys(setup.config, phase)), start_step, end_step
+    )
   for start, n in chunks:
     if batches is None:
       states, losses = programs.train(
-        states, mask, setup.train_data, imp.as_step(start), num_steps=n
+        states, mask, setup.data.train_data, imp.as_step(start), num_steps=n
       )
     else:
-      states, losses = setup.stream.train(pretrain, states, mask, batches, start, n)
+      states, losses = setup.data.stream.train(pretrain, states, mask, batches, start, n)
     losses = distributed.to_host(losses)
     if not np.all(np.isfinite(losses)):
       _raise_diverged(losses, phase, start)
@@ -129,22 +131,21 @@ def train_phase(
   return states
 
 
-def compute_ticket(setup: run_setup.RunSetup, states=None) -> imp.Ticket:
+def train_ticket(setup: run_setup.RunSetup, states=None) -> imp.Ticket:
   """The ticket: weights and BN statistics at the rewind step T0.
 
   Args:
     states: the dense network's states at T0; None trains them from the
       initialization (deterministic: the same ticket ``run`` trains from).
   """
-  ticket = imp.Ticket(setup.params, setup.batch_stats)
-  if setup.rewind_step == 0:
+  ticket = imp.Ticket(setup.initial.params, setup.initial.batch_stats)
+  if setup.steps.rewind_step == 0:
     return ticket
   if states is None:
     phase = checkpointing.PRETRAIN_PHASE
-    dense = setup.placement.replicate(masking.create_dense_mask(setup.params))
-    states = train_phase(
-      setup, phase, setup.start(phase, ticket, dense), dense, 0, setup.rewind_step
-    )
+    dense = setup.placement.replicate(masking.create_dense_mask(setup.initial.params))
+    states = run_setup.start_phase(setup, phase, ticket, dense)
+    states = train_phase(setup, phase, states, dense, 0, setup.steps.rewind_step)
   return imp.Ticket(*jax.tree_util.tree_map(lambda x: x[0], (states.params, states.batch_stats)))
 
 
@@ -159,19 +160,19 @@ def _train(setup: run_setup.RunSetup, point: checkpointing.ResumePoint, manager,
       results = [dataclasses.asdict(r) for r in rounds]
       point = checkpointing.ResumePoint(phase, step, ticket, mask, states, results)
       with _interrupts_deferred():
-        checkpointing.save(manager, point, config, setup.rewind_step, setup.end_step)
+        checkpointing.save(manager, point, config, setup.steps.rewind_step, setup.steps.end_step)
 
   def run_phase(phase, step, states, end):
-    first = 0 if phase < 0 else setup.rewind_step
+    first = 0 if phase < 0 else setup.steps.rewind_step
 
     def after_chunk(states, step, n, losses):
       progress.update(
-        n / setup.spe,
+        n / setup.steps.spe,
         round="rewind" if phase < 0 else phase,
-        epoch=-(-(step - first) // setup.spe),
+        epoch=-(-(step - first) // setup.steps.spe),
         loss=" ".join(f"{v:.3f}" for v in losses.mean(0)),
       )
-      if setup.checkpoint_every and step % setup.checkpoint_every == 0 and step < end:
+      if setup.steps.checkpoint_every and step % setup.steps.checkpoint_every == 0 and step < end:
         checkpoint(phase, step, states)
 
     try:
@@ -183,21 +184,23 @@ def _train(setup: run_setup.RunSetup, point: checkpointing.ResumePoint, manager,
       raise
 
   if phase == checkpointing.PRETRAIN_PHASE:
-    ticket = compute_ticket(setup, run_phase(phase, step, states, setup.rewind_step))
+    ticket = train_ticket(setup, run_phase(phase, step, states, setup.steps.rewind_step))
     if workdir is not None:
       with _interrupts_deferred():
         workdir_lib.save_tree(os.path.join(workdir, workdir_lib.TICKET_DIR), ticket._asdict())
-    phase, step = 0, setup.rewind_step
-    states = setup.start(phase, ticket, mask)
+    phase, step = 0, setup.steps.rewind_step
+    states = run_setup.start_phase(setup, phase, ticket, mask)
     checkpoint(phase, step, states)
 
   final = None
   while phase <= config.num_rounds:
     t0 = time.time()
-    states = run_phase(phase, step, states, setup.end_step)
+    states = run_phase(phase, step, states, setup.steps.end_step)
     prune_key = imp.prune_key(config.seed, phase)
-    out = setup.rounds.finish(states, mask, setup.train_data, setup.eval_data, prune_key)
-    remaining, total = masking.count_prunable(mask, setup.prunable)
+    out = setup.programs.rounds.finish(
+      states, mask, setup.data.train_data, setup.data.eval_data, prune_key
+    )
+    remaining, total = masking.count_prunable(mask, setup.initial.prunable)
     result = results_lib.RoundResult.from_metrics(
       phase,
       int(remaining),
@@ -220,9 +223,9 @@ def _train(setup: run_setup.RunSetup, point: checkpointing.ResumePoint, manager,
       if jax.process_index() == 0:
         results_lib.write_results(workdir, rounds)
     final = (out.params, out.batch_stats, mask)
-    mask, phase, step = out.next_mask, phase + 1, setup.rewind_step
+    mask, phase, step = out.next_mask, phase + 1, setup.steps.rewind_step
     if phase <= config.num_rounds:
-      states = setup.start(phase, ticket, mask)
+      states = run_setup.start_phase(setup, phase, ticket, mask)
       checkpoint(phase, step, states)
   return rounds, final
 
@@ -401,10 +404,12 @@ def _run(config, workdir, setup, primary) -> results_lib.SwampResult:
       point = run_setup.create_initial_point(setup)
       if manager is not None:  # a good state on disk before anything can diverge
         with _interrupts_deferred():
-          checkpointing.save(manager, point, config, setup.rewind_step, setup.end_step)
+          checkpointing.save(manager, point, config, setup.steps.rewind_step, setup.steps.end_step)
     else:
-      done = checkpointing.progress_step(point.phase, point.step, setup.rewind_step, setup.end_step)
-      progress.update(done / setup.spe, resumed=f"round {point.phase} step {point.step}")
+      done = checkpointing.progress_step(
+        point.phase, point.step, setup.steps.rewind_step, setup.steps.end_step
+      )
+      progress.update(done / setup.steps.spe, resumed=f"round {point.phase} step {point.step}")
     if workdir is not None and primary:
       with open(os.path.join(workdir, workdir_lib.CONFIG_FILE), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))

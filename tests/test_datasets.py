@@ -10,7 +10,6 @@ import pytest
 import swamp_jax
 from swamp_jax import checkpointing, datasets, saved_runs
 from swamp_jax import workdir as workdir_lib
-from swamp_jax.analyses import mask_quality
 
 from .conftest import SHARED_TFDS, create_tiny_config
 
@@ -96,9 +95,9 @@ def test_a_run_on_arrays_is_analysed_with_them_and_refused_without(arrays_run):
   # Mask quality rebuilds the run's setup from a config: the run's own (its digest must
   # match), or a fresh one with the arrays (recorded as run() records them).
   with pytest.raises(ValueError, match="dataset= differs from the arrays the run trained on"):
-    mask_quality.compute_ticket(run.config, other)
-  ticket = mask_quality.compute_ticket(run.config, dataset)  # rewind_epochs=0: the init
-  fresh = _leaves(mask_quality.compute_ticket(_tiny(), dataset))
+    swamp_jax.compute_ticket(run.config, dataset=other)
+  ticket = swamp_jax.compute_ticket(run.config, dataset=dataset)  # rewind_epochs=0: the init
+  fresh = _leaves(swamp_jax.compute_ticket(_tiny(), dataset=dataset))
   assert len(fresh) == 6  # lenet300_100's kernels and biases
   for a, b in zip(_leaves(ticket), fresh, strict=True):
     np.testing.assert_array_equal(a, b)

@@ -2,6 +2,7 @@ import jax
 import numpy as np
 import pytest
 
+import swamp_jax
 from swamp_jax import masking, results, saved_runs
 from swamp_jax import workdir as workdir_lib
 from swamp_jax.analyses import mask_quality
@@ -22,7 +23,7 @@ def _assert_pruned_weights_are_zero(params, mask):
 def imp_run(tmp_path_factory):
   workdir = get_saved_run("imp", tmp_path_factory)
   config = saved_runs.load_config(workdir)
-  return workdir, config, mask_quality.compute_ticket(config)
+  return workdir, config, swamp_jax.compute_ticket(config)
 
 
 def test_retraining_on_imps_own_mask_reproduces_the_imp_round(imp_run):
@@ -74,5 +75,11 @@ def test_a_mask_that_does_not_fit_the_model_is_refused(imp_run):
   _, config, ticket = imp_run
   mask = jax.tree_util.tree_map(lambda p: np.ones(p.shape, bool), ticket.params)
   mask["fc1"]["kernel"] = np.ones((3, 3), bool)
-  with pytest.raises(ValueError, match="shape"):
+  with pytest.raises(ValueError, match=r"mask: leaf \['fc1'\]\['kernel'\] has shape \(3, 3\)"):
     mask_quality.retrain_on_mask(config, mask, ticket)
+  mask["fc1"]["kernel"] = np.ones(ticket.params["fc1"]["kernel"].shape, bool)
+  params = {**ticket.params, "fc1": {**ticket.params["fc1"], "bias": np.zeros(3, np.float32)}}
+  with pytest.raises(ValueError, match=r"ticket.params: leaf \['fc1'\]\['bias'\] has shape \(3,\)"):
+    swamp_jax.train_round(config, ticket._replace(params=params), mask)
+  with pytest.raises(ValueError, match="round_index must be an integer >= 0, got -1"):
+    swamp_jax.train_round(config, ticket, mask, -1)

@@ -23,7 +23,7 @@ from flax import nnx
 import swamp_jax
 from swamp_jax import batchnorm, checkpointing, masking, models, saved_runs
 
-from .conftest import REPO, create_fake_device_env, create_tiny_config
+from .conftest import REPO, compute_once_per_session, create_fake_device_env, create_tiny_config
 
 
 class TinyViT(nn.Module):
@@ -70,7 +70,8 @@ ATTENTION_KERNELS = ("query", "key", "value", "out")
 
 def create_vit_config():
   """N=4, 2 rounds (dense, one prune) of 1 epoch of 2 steps from the initialization (no
-  dense phase to compile), layerwise: every kernel loses 20%."""
+  dense phase to compile), layerwise: every kernel loses 20%. A checkpoint every step (to
+  be killed between two), 128 validation examples (for Lottery Pools)."""
   config = create_tiny_config(
     num_particles=4,
     num_rounds=1,
@@ -79,6 +80,7 @@ def create_vit_config():
     prune_scope="layerwise",
     prune_leaves=("kernel", "embedding"),
     dataset__train_size=256,
+    dataset__validation_size=128,
     checkpoint__every_steps=1,
   )
   config.model.name = "test_vit"
@@ -86,10 +88,45 @@ def create_vit_config():
   return config
 
 
+def create_nnx_config():
+  """As ``create_vit_config``, for the NNX network (its kernels only)."""
+  config = create_vit_config()
+  config.prune_leaves = ("kernel",)
+  config.model.name = "test_nnx"
+  del config.model.options["dim"]
+  return config
+
+
+CONFIGS = {"test_vit": create_vit_config, "test_nnx": create_nnx_config}
+
+
 @pytest.fixture(scope="module")
-def vit_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("vit") / "run"
-  return swamp_jax.run(create_vit_config(), str(workdir))
+def train_once(tmp_path_factory):
+  """``train_once(name)``: the run of ``CONFIGS[name]`` as its workdir holds it, trained once
+  per test session (by whichever pytest-xdist worker asks first)."""
+  runs = {}
+
+  def train(name):
+    if name not in runs:
+      folder = compute_once_per_session(
+        tmp_path_factory,
+        f"user_model_{name}",
+        lambda folder: swamp_jax.run(CONFIGS[name](), str(folder / "run")),
+      )
+      workdir = str(folder / "run")
+      final = swamp_jax.load_final_model(os.path.join(workdir, "final_model"))
+      rounds = swamp_jax.read_results(workdir)
+      runs[name] = swamp_jax.SwampResult(
+        rounds, final["params"], final["batch_stats"], final["mask"], workdir
+      )
+    return runs[name]
+
+  return train
+
+
+@pytest.fixture(scope="module")
+def vit_run(train_once):
+  return train_once("test_vit")
 
 
 def test_vit_prunes_its_attention_kernels_layerwise_at_exact_counts(vit_run):
@@ -107,46 +144,64 @@ def test_vit_prunes_its_attention_kernels_layerwise_at_exact_counts(vit_run):
   assert [r.num_particles for r in vit_run.rounds] == [4, 4]
 
 
-def test_analyses_rebuild_the_registered_model_from_the_saved_run(vit_run):
-  run = saved_runs.load_run(vit_run.workdir)
-  assert isinstance(run.model, TinyViT) and run.model.dim == 16
-  ensemble = swamp_jax.evaluate_ensemble_of_runs([vit_run.workdir] * 2, 1, run.dataset, run.model)
-  assert ensemble["member_accuracies"][0] == pytest.approx(vit_run.final.test_accuracy, abs=1e-6)
-  connectivity = swamp_jax.compute_particle_connectivity(vit_run.workdir, 1, num_alphas=3)
+def test_nnx_model_by_name_trains_and_prunes_its_attention_kernels(train_once):
+  out = train_once("test_nnx")
+  for name in ATTENTION_KERNELS:
+    mask = np.asarray(out.mask["attention"][name]["kernel"])
+    assert mask.ndim == 3 and mask.size - mask.sum() == round(0.2 * mask.size)
+    assert np.all(np.asarray(out.params["attention"][name]["kernel"])[~mask] == 0)
+  assert set(out.batch_stats["bn"]) == {"mean", "var"}
+  assert np.all(out.mask["bn"]["scale"])
+  assert [r.num_particles for r in out.rounds] == [4, 4]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_analyses_rebuild_the_registered_model_from_the_saved_run(name, train_once):
+  out = train_once(name)
+  run = saved_runs.load_run(out.workdir)
+  if name == "test_vit":
+    assert isinstance(run.model, TinyViT) and run.model.dim == 16
+  else:
+    assert isinstance(run.model, models.NnxModel) and run.model.module_type is NnxNet
+  ensemble = swamp_jax.evaluate_ensemble_of_runs([out.workdir] * 2, 1, run.dataset, run.model)
+  assert ensemble["member_accuracies"][0] == pytest.approx(out.final.test_accuracy, abs=1e-6)
+  connectivity = swamp_jax.compute_particle_connectivity(out.workdir, 1, num_alphas=3)
   assert len(connectivity["accuracy"]) == 3 and np.isfinite(connectivity["loss_barrier"])
-  trace = swamp_jax.compute_round_hessian_trace(vit_run.workdir, 1, num_probes=2, num_batches=1)
+  trace = swamp_jax.compute_round_hessian_trace(out.workdir, 1, num_probes=2, num_batches=1)
   assert np.isfinite(trace["trace"])
-  config = saved_runs.load_config(vit_run.workdir)
-  retrained = swamp_jax.retrain_on_saved_mask(config, vit_run.workdir, 1)
-  np.testing.assert_array_equal(
-    retrained.mask["attention"]["query"]["kernel"], vit_run.mask["attention"]["query"]["kernel"]
-  )
-  assert 0.0 <= retrained.test_accuracy <= 1.0
+  config = saved_runs.load_config(out.workdir)
+  retrained = swamp_jax.retrain_on_saved_mask(config, out.workdir, 1)
+  for a, b in zip(jax.tree.leaves(retrained.mask), jax.tree.leaves(out.mask), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert retrained.sparsity == pytest.approx(out.final.sparsity)
+  pool = swamp_jax.compute_lottery_pool_of_run(out.workdir, 1, coefficients=(0.5,))
+  assert pool["validation_accuracy"] >= pool["ticket_validation_accuracy"]
+  assert set(pool["weights"]) <= {0, 1} and 1 in pool["weights"]
+  assert sum(pool["weights"].values()) == pytest.approx(1.0)
+  assert 0.0 <= pool["test_accuracy"] <= 1.0
 
 
 _KILLED_RUN = """
 import sys
 from tests import test_user_models
 import swamp_jax
-swamp_jax.run(test_user_models.create_vit_config(), sys.argv[1])
+swamp_jax.run(test_user_models.CONFIGS[sys.argv[2]](), sys.argv[1])
 """
 
 
-def test_vit_resumes_bit_identically_after_sigkill(vit_run, tmp_path):
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_resumes_bit_identically_after_sigkill(name, train_once, tmp_path):
+  uninterrupted = train_once(name)
   workdir = tmp_path / "run"
   env = {**create_fake_device_env(1), "PYTHONPATH": str(REPO)}
-
-  def launch():
-    return subprocess.Popen(
-      [sys.executable, "-c", _KILLED_RUN, str(workdir)],
-      cwd=REPO,
-      env=env,
-      stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE,
-    )
-
+  proc = subprocess.Popen(
+    [sys.executable, "-c", _KILLED_RUN, str(workdir), name],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+  )
   checkpoints = workdir / checkpointing.CHECKPOINT_DIR
-  proc = launch()
   deadline = time.time() + 120
   # Checkpoint ids count steps trained, 2 per round: kill inside round 0.
   while time.time() < deadline and not (checkpoints / "1").is_dir():
@@ -154,29 +209,18 @@ def test_vit_resumes_bit_identically_after_sigkill(vit_run, tmp_path):
     time.sleep(0.02)
   proc.send_signal(signal.SIGKILL)
   assert proc.wait() == -signal.SIGKILL and not (workdir / "final_model").exists()
-  resumed = swamp_jax.run(create_vit_config(), str(workdir))  # in this process, as vit_run
+  resumed = swamp_jax.run(CONFIGS[name](), str(workdir))  # in this process
   for a, b in zip(
-    jax.tree_util.tree_leaves((vit_run.params, vit_run.batch_stats, vit_run.mask)),
+    jax.tree_util.tree_leaves(
+      (uninterrupted.params, uninterrupted.batch_stats, uninterrupted.mask)
+    ),
     jax.tree_util.tree_leaves((resumed.params, resumed.batch_stats, resumed.mask)),
     strict=True,
   ):
     np.testing.assert_array_equal(a, b)
-
-
-def test_nnx_model_by_name_trains_prunes_and_is_analysed(tmp_path):
-  config = create_tiny_config(
-    num_particles=4, num_rounds=1, rewind_epochs=0, epochs_per_round=1, dataset__train_size=256
-  )
-  config.model.name = "test_nnx"
-  config.prune_scope = "layerwise"
-  out = swamp_jax.run(config, str(tmp_path / "run"))
-  query = np.asarray(out.mask["attention"]["query"]["kernel"])
-  assert query.ndim == 3 and query.size - query.sum() == round(0.2 * query.size)
-  assert set(out.batch_stats["bn"]) == {"mean", "var"}
-  run = saved_runs.load_run(str(tmp_path / "run"))
-  assert isinstance(run.model, models.NnxModel)
-  ensemble = swamp_jax.evaluate_ensemble_of_runs([str(tmp_path / "run")], 1, run.dataset, run.model)
-  assert ensemble["member_accuracies"][0] == pytest.approx(out.final.test_accuracy, abs=1e-6)
+  assert [r.test_accuracy for r in resumed.rounds] == [
+    r.test_accuracy for r in uninterrupted.rounds
+  ]
 
 
 # --- BatchNorm statistics whatever the momentum. ---
@@ -296,6 +340,16 @@ def test_a_passed_model_trains_and_saved_runs_say_to_register_it(tmp_path):
   with pytest.raises(ValueError, match=r"passed as an object.*_ConvBNNet.*register_model"):
     saved_runs.load_run(str(tmp_path / "run"))
   assert masking.compute_sparsity(out.mask, masking.compute_prunable(out.params)) == 0.0
+  # The public round takes the model again: from the config's ticket on the run's mask it
+  # is the run's round 0, the same programs on the same steps.
+  again = swamp_jax.train_round(config, None, out.mask, 0, model=_ConvBNNet())
+  for a, b in zip(
+    jax.tree.leaves((out.params, out.batch_stats)),
+    jax.tree.leaves((again.params, again.batch_stats)),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(a, b)
+  assert float(again.metrics["average/test_accuracy"]) == out.final.test_accuracy
 
 
 def test_configs_example_registers_its_model_from_a_user_module(tmp_path):

@@ -12,7 +12,7 @@ deterministic, and does not depend on the SWA settings, so IMP's and SWAMP's
 tickets of one seed are the same) unless given; ``run`` also saves it in the
 workdir (``ticket/``).
 
-This uses ``run_setup.create_setup`` and ``runner.train_phase``, so a round
+A round is trained by the public ``swamp_jax.train_round`` (``rounds``), so it
 trains as ``run`` trains it, with no copy of the training loop.
 """
 
@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from swamp_jax import datasets, imp, masking, run_setup, runner
+from swamp_jax import masking, rounds
 from swamp_jax import workdir as workdir_lib
 
 
@@ -49,25 +49,15 @@ def create_imp_config(config):
   return config
 
 
-def _create_setup(config, dataset):
-  if dataset is not None and not config.dataset.digest:  # as run(config, dataset=) records it
-    config = datasets.record_dataset(config, dataset)
-  return run_setup.create_setup(config, dataset=dataset)
-
-
-def compute_ticket(config, dataset=None) -> imp.Ticket:
-  """The ticket (weights and BN statistics at T0) that ``run(config, dataset=dataset)``
-  trains from.
-
-  With ``rewind_epochs=0`` it is the initialization. Deterministic: the same
-  config and seed give the same ticket as the run.
-  """
-  return runner.compute_ticket(_create_setup(config, dataset))
-
-
 def retrain_on_mask(
-  config, mask, ticket: imp.Ticket | None = None, round_index: int = 0, dataset=None
-):
+  config,
+  mask,
+  ticket: rounds.Ticket | None = None,
+  round_index: int = 0,
+  dataset=None,
+  *,
+  model=None,
+) -> MaskRetrainResult:
   """Trains one IMP round from the rewound ticket on ``mask``; evaluates it.
 
   Args:
@@ -76,50 +66,32 @@ def retrain_on_mask(
     mask: bool pytree with the structure and shapes of the model's params
       (e.g. ``workdir_lib.load_round_model(workdir, r)['mask']``).
     ticket: the rewind point to start from; None: IMP's ticket of this
-      config (``compute_ticket(create_imp_config(config))``).
+      config (``swamp_jax.compute_ticket(create_imp_config(config))``).
     round_index: whose data order to use (``imp.particle_key(seed, r, 0)``);
       with IMP's own round-r mask and r here, IMP's round r is reproduced.
     dataset: the in-memory ``Dataset`` the run trained on (``run(...,
       dataset=...)``); None: the one ``config.dataset`` names.
+    model: the model the run was passed (``run(..., model=...)``, not
+      registered); None: the one ``config.model`` names.
 
   Returns:
     A ``MaskRetrainResult``.
 
   Raises:
-    ValueError: the mask does not fit the model's params.
+    ValueError: the mask (or the ticket) does not fit the model's params.
   """
-  setup = _create_setup(create_imp_config(config), dataset)
-  params_struct = jax.tree_util.tree_structure(setup.params)
-  if jax.tree_util.tree_structure(mask) != params_struct:
-    raise ValueError(
-      f"the mask's structure {jax.tree_util.tree_structure(mask)} differs from the "
-      f"params' {params_struct}"
-    )
-  for m, p in zip(
-    jax.tree_util.tree_leaves(mask), jax.tree_util.tree_leaves(setup.params), strict=True
-  ):
-    if np.shape(m) != np.shape(p):
-      raise ValueError(
-        f"a mask leaf of shape {np.shape(m)} does not fit a param of shape {np.shape(p)}"
-      )
-  # Host arrays: the programs place them wherever their inputs are meant to live.
+  config = create_imp_config(config)
+  out = rounds.train_round(config, ticket, mask, round_index, model=model, dataset=dataset)
+  validation = out.metrics.get("average/validation_accuracy")
+  prunable = masking.compute_prunable(out.params, config.prune_exclude, config.prune_leaves)
   mask = jax.tree_util.tree_map(lambda m: np.asarray(m, np.bool_), mask)
-  if ticket is None:
-    ticket = runner.compute_ticket(setup)
-  states = setup.start(round_index, ticket, mask)
-  states = runner.train_phase(setup, round_index, states, mask, setup.rewind_step, setup.end_step)
-  prune_key = imp.prune_key(setup.config.seed, round_index)
-  out = setup.rounds.finish(states, mask, setup.train_data, setup.eval_data, prune_key)
-  metrics = jax.device_get(out.metrics)
-  validation = metrics.get("average/validation_accuracy")
-  params, batch_stats, mask = jax.device_get((out.params, out.batch_stats, mask))
   return MaskRetrainResult(
-    test_accuracy=float(metrics["average/test_accuracy"]),
-    test_loss=float(metrics["average/test_loss"]),
+    test_accuracy=float(out.metrics["average/test_accuracy"]),
+    test_loss=float(out.metrics["average/test_loss"]),
     validation_accuracy=None if validation is None else float(validation),
-    sparsity=masking.compute_sparsity(mask, setup.prunable),
-    params=params,
-    batch_stats=batch_stats,
+    sparsity=masking.compute_sparsity(mask, prunable),
+    params=out.params,
+    batch_stats=out.batch_stats,
     mask=mask,
   )
 
@@ -128,8 +100,10 @@ def retrain_on_saved_mask(
   config,
   mask_workdir: str,
   round_index: int,
-  ticket: imp.Ticket | None = None,
+  ticket: rounds.Ticket | None = None,
   dataset=None,
+  *,
+  model=None,
 ) -> MaskRetrainResult:
   """``retrain_on_mask`` with the mask that ``mask_workdir``'s round ``round_index`` trained on.
 
@@ -138,4 +112,4 @@ def retrain_on_saved_mask(
   IMP workdir) tests claim 5.
   """
   mask = workdir_lib.load_round_model(mask_workdir, round_index)["mask"]
-  return retrain_on_mask(config, mask, ticket, round_index, dataset)
+  return retrain_on_mask(config, mask, ticket, round_index, dataset, model=model)
