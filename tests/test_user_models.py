@@ -174,6 +174,12 @@ def test_analyses_rebuild_the_registered_model_from_the_saved_run(name, train_on
   for a, b in zip(jax.tree.leaves(retrained.mask), jax.tree.leaves(out.mask), strict=True):
     np.testing.assert_array_equal(a, b)
   assert retrained.sparsity == pytest.approx(out.final.sparsity)
+
+
+def test_lottery_pools_of_a_user_model(train_once):
+  # On one of the two user models (the cheaper to compile): Lottery Pools reads the saved
+  # round models and evaluates interpolations, as the analyses above.
+  out = train_once("test_nnx")
   pool = swamp_jax.compute_lottery_pool_of_run(out.workdir, 1, coefficients=(0.5,))
   assert pool["validation_accuracy"] >= pool["ticket_validation_accuracy"]
   assert set(pool["weights"]) <= {0, 1} and 1 in pool["weights"]
