@@ -4,6 +4,7 @@ Fake CPU devices need XLA_FLAGS before JAX starts, and jax.distributed needs
 fresh processes, so the runs happen in subprocesses (tests/*_worker.py).
 """
 
+import json
 import signal
 import socket
 import subprocess
@@ -147,8 +148,9 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch_two_processes(work):
-  """The run of TWO_PROCESS_CONFIG in 2 processes (gloo) on ``work``, from the command line."""
+def _launch_two_processes(work, *overrides):
+  """The run of TWO_PROCESS_CONFIG in 2 processes (gloo) on ``work``, from the command line
+  (``overrides``: more ``--config.field=value`` arguments)."""
   port = _free_port()
   return [
     subprocess.Popen(
@@ -164,6 +166,7 @@ def _launch_two_processes(work):
         f"--process_id={i}",
         "--cpu_collectives=gloo",
         "--heartbeat_timeout_seconds=10",
+        *overrides,
       ],
       cwd=REPO,
       env=_env(1),
@@ -195,16 +198,46 @@ def two_process_run(tmp_path_factory):
   return compute_once_per_session(tmp_path_factory, "two_process_run", compute) / "work"
 
 
-def test_two_processes_with_batchnorm_give_the_result_of_one(two_process_run, tmp_path):
+@pytest.fixture(scope="session")
+def two_process_streamed_run(tmp_path_factory):
+  """The two-process run with its training batches streamed from the host (each process
+  reads only its particle's rows), computed once per session."""
+
+  def compute(folder):
+    _finish(_launch_two_processes(folder / "work", "--config.dataset.pipeline=stream"))
+
+  return compute_once_per_session(tmp_path_factory, "two_process_streamed_run", compute) / "work"
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+  """TWO_PROCESS_CONFIG's run in this process, on one device, with what the comparisons need."""
+  return _reference(tmp_path_factory.mktemp("one"), model="small_bn", num_particles=2)
+
+
+def test_two_processes_with_batchnorm_give_the_result_of_one(two_process_run, one_process_run):
   from .mesh_worker import flatten_workdir
 
   two = flatten_workdir(two_process_run)
-  one = _reference(tmp_path / "one", model="small_bn", num_particles=2)
   # Padding rows of the split training set must not enter the BN recompute: they would change
   # its batches (the permutation's length) and every recomputed statistic.
-  _assert_same_run(two, one, SMALL_BN_RTOL, layers=SMALL_BN_LAYERS)
+  _assert_same_run(two, one_process_run, SMALL_BN_RTOL, layers=SMALL_BN_LAYERS)
   # Results written once, not once per process.
   assert len((two_process_run / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_two_processes_streaming_their_batches_give_the_result_of_one(
+  two_process_streamed_run, one_process_run
+):
+  from .mesh_worker import flatten_workdir
+
+  # Each process streams its particle's batches from the host (another program than the
+  # in-device gather, the same math): within the tolerance of the in-device comparison.
+  two = flatten_workdir(two_process_streamed_run)
+  _assert_same_run(two, one_process_run, SMALL_BN_RTOL, layers=SMALL_BN_LAYERS)
+  config = json.loads((two_process_streamed_run / "config.json").read_text())
+  assert config["dataset"]["pipeline"] == "stream"
+  assert len((two_process_streamed_run / "results.jsonl").read_text().splitlines()) == 2
 
 
 def test_two_processes_killed_mid_round_resume_to_the_uninterrupted_result(
