@@ -40,6 +40,14 @@ class EvalData(NamedTuple):
   validation_labels: jax.Array
 
 
+class RecomputedStats(NamedTuple):
+  """BatchNorm statistics recomputed outside ``finish`` (a streamed run's,
+  ``streamed_batchnorm``), for ``finish_round`` to use as given."""
+
+  average: Any  # the average's, no particle axis
+  particles: Any  # each solution's [N, ...]; None where ``RoundSettings.recomputes`` says not
+
+
 class RoundOutput(NamedTuple):
   """What ``finish`` returns (arrays; particle leaves have a leading axis)."""
 
@@ -99,10 +107,23 @@ class RoundSettings:
     """Whether BN statistics of a solution averaging ``num_averaged`` weights are recomputed."""
     return self.bn_recompute and (num_averaged > 1 or self.bn_recompute_unaveraged)
 
+  def recomputes_particles(self) -> bool:
+    """Whether each particle's solution gets recomputed statistics (``recomputes`` of the
+    SWA snapshots it averages; SWA off: its last weights, one)."""
+    return self.recomputes(max(self.swa_snapshots, 1))
+
 
 def _evaluate(model, params, batch_stats, images, labels, mean, std, batch_size):
   variables = {"params": params, "batch_stats": batch_stats}
   return evaluation.compute_metrics(model, variables, images, labels, mean, std, batch_size)
+
+
+def compute_round_average(states: particles.ParticleState, placement=None):
+  """(each particle's solution [N, ...], their average, the mean of the particles'
+  running BatchNorm statistics): what a round's end averages."""
+  solutions = particles.compute_solutions(states, placement)
+  avg_params = averaging.average_particles(solutions)
+  return solutions, avg_params, averaging.average_particles(states.batch_stats)
 
 
 def finish_round(
@@ -111,6 +132,7 @@ def finish_round(
   data: particles.DeviceData,
   eval_data: EvalData,
   prune_key: jax.Array | None = None,
+  recomputed: RecomputedStats | None = None,
   *,
   model,
   prunable,
@@ -127,12 +149,15 @@ def finish_round(
   the headline is. ``prune_key`` (``prune_key(seed, round)``) feeds a random
   prune criterion. Outputs other than the per-particle ones are replicated
   over the mesh.
+
+  ``recomputed`` (a streamed run's, which has no training set in device
+  memory: ``data.images`` is then empty) replaces the recompute pass over
+  ``data.images``; it holds what that pass would give (``average``, and
+  ``particles`` where ``settings.recomputes`` the particles' solutions).
   """
   n = states.key.shape[0]
   lift = functools.partial(particles.lift_over_particles, num_particles=n, placement=placement)
-  solutions = particles.compute_solutions(states, placement)
-  avg_params = averaging.average_particles(solutions)
-  running_bs = averaging.average_particles(states.batch_stats)
+  solutions, avg_params, running_bs = compute_round_average(states, placement)
   has_bn = bool(jax.tree_util.tree_leaves(running_bs))
   snapshots = max(settings.swa_snapshots, 1)  # SWA off: a particle's solution is its last weights
   recompute_average = settings.recomputes(n * snapshots)
@@ -146,11 +171,19 @@ def finish_round(
     num_batches=settings.bn_num_batches,
     num_examples=settings.bn_num_examples,
   )
-  recomputed_bs = recompute(avg_params, running_bs) if settings.bn_recompute else running_bs
+  if not settings.bn_recompute:
+    recomputed_bs = running_bs
+  elif recomputed is not None:
+    recomputed_bs = recomputed.average
+  else:
+    recomputed_bs = recompute(avg_params, running_bs)
   avg_bs = recomputed_bs if recompute_average else running_bs
   particle_bs = states.batch_stats
-  if settings.recomputes(snapshots):
-    particle_bs = lift(recompute)(solutions, states.batch_stats)
+  if settings.recomputes_particles():
+    if recomputed is not None:
+      particle_bs = recomputed.particles
+    else:
+      particle_bs = lift(recompute)(solutions, states.batch_stats)
 
   metrics = {}
   if has_bn:
