@@ -24,6 +24,7 @@ from swamp_jax import (
   particles,
   streamed_batchnorm,
   streamed_data,
+  streamed_evaluation,
 )
 from swamp_jax import config as config_lib
 from swamp_jax import data as data_lib
@@ -284,7 +285,8 @@ def create_setup(config, optimizer=None, prune_score=None, model=None, dataset=N
     recompute = streamed_batchnorm.create_streamed_recompute(
       dataset.train, dataset.transform, model, settings, config.dataset.stream_workers, placement
     )
-    rounds = streamed_batchnorm.with_streamed_recompute(rounds, recompute)
+    evaluate = streamed_evaluation.create_host_evaluation(model, settings, placement)
+    rounds = streamed_batchnorm.with_streamed_recompute(rounds, recompute, evaluate)
     programs = {"pretrain": (model, pretrain_tx, pretrain_spec), "rounds": (model, round_tx, spec)}
     stream = streamed_data.create_train_stream(config, dataset, train_data, programs, placement)
   return RunSetup(

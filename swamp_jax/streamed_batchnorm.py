@@ -175,17 +175,28 @@ def create_streamed_recompute(
 
 @dataclasses.dataclass(frozen=True)
 class StreamedFinish:
-  """``RoundPrograms.finish`` of a streamed run: the recompute pass through the host, then
-  the jitted ``finish`` with its statistics. Called as the in-device ``finish``."""
+  """``RoundPrograms.finish`` of a streamed run: the recompute pass through the host, the
+  jitted ``finish`` with its statistics, and, with ``evaluate``
+  (``streamed_evaluation.HostEvaluation``), the evaluation sets read from host memory
+  batch by batch instead of inside ``finish``. Called as the in-device ``finish``."""
 
   finish: Any
   recompute: StreamedRecompute
+  evaluate: Any = None
 
   def __call__(self, states, mask, data, eval_data, prune_key=None) -> imp.RoundOutput:
     recomputed = self.recompute(states, data.mean, data.std)
-    return self.finish(states, mask, data, eval_data, prune_key, recomputed)
+    if self.evaluate is None:
+      return self.finish(states, mask, data, eval_data, prune_key, recomputed)
+    out = self.finish(states, mask, data, None, prune_key, recomputed)
+    return out._replace(
+      metrics={**out.metrics, **self.evaluate(out, eval_data, data.mean, data.std)}
+    )
 
 
-def with_streamed_recompute(programs: imp.RoundPrograms, recompute: StreamedRecompute):
-  """``programs`` whose ``finish`` recomputes BatchNorm statistics through ``recompute``."""
-  return dataclasses.replace(programs, finish=StreamedFinish(programs.finish, recompute))
+def with_streamed_recompute(
+  programs: imp.RoundPrograms, recompute: StreamedRecompute, evaluate=None
+) -> imp.RoundPrograms:
+  """``programs`` whose ``finish`` recomputes BatchNorm statistics through ``recompute``
+  (and evaluates through ``evaluate`` where given)."""
+  return dataclasses.replace(programs, finish=StreamedFinish(programs.finish, recompute, evaluate))

@@ -4,10 +4,11 @@ evaluation sets, and the ``streaming.TrainStream`` that feeds the steps.
 The training rows are the ones ``datasets.load_dataset`` keeps (the same fixed
 seed-0 permutation decides ``train_size`` and ``validation_size``), so a
 streamed run trains on the same examples in the same orders as an in-device
-run. What still sits in device memory in a streamed run: the test and
-validation sets (ImageNet's through the evaluation crop: 50,000 x 224 x 224 x 3
-bytes, 7.5 GB, on every device). The BatchNorm recompute pass reads its
-batches through the host too (``streamed_batchnorm``).
+run. Nothing of the dataset stays in device memory: the BatchNorm recompute
+pass reads its batches through the host (``streamed_batchnorm``), and the test
+and validation sets (ImageNet's through the evaluation crop: 50,000 x 224 x 224
+x 3 bytes, 7.5 GB) stay in host memory, evaluated batch by batch
+(``streamed_evaluation``).
 """
 
 from __future__ import annotations
@@ -157,12 +158,13 @@ def open_dataset(config, dataset: datasets.Dataset | None = None):
 
 def load_streamed_data(config, placement, dataset: datasets.Dataset | None = None):
   """``run_setup.load_data`` for a streamed run: (StreamedDataset, DeviceData holding
-  only the statistics (no images), EvalData, number of training examples)."""
+  only the statistics (no images), EvalData of host arrays, number of training examples)."""
   streamed, test, validation, mean, std = open_dataset(config, dataset)
   empty = np.zeros((0, *streamed.image_shape), np.uint8)
   mean, std = placement.replicate((mean, std))
   train = particles.DeviceData(*placement.replicate((empty, np.zeros((0,), np.int32))), mean, std)
-  eval_data = imp.EvalData(*placement.replicate((*test, *validation)))
+  # Kept on the host: the rounds evaluate them batch by batch (streamed_evaluation).
+  eval_data = imp.EvalData(*test, *validation)
   return streamed, train, eval_data, len(streamed.train)
 
 

@@ -16,11 +16,14 @@ import swamp_jax
 from swamp_jax import (
   augmentation,
   batchnorm,
+  data,
   imp,
   masking,
   results,
+  run_setup,
   streamed_batchnorm,
   streamed_data,
+  streamed_evaluation,
   streaming,
   workdir,
 )
@@ -41,10 +44,11 @@ class _RecordingSource(streaming.ArraySource):
     return super().read_arrays(indices)
 
 
-def test_streamed_recompute_reads_the_in_device_rows_and_gives_its_statistics():
+def test_streamed_round_end_reads_the_in_device_rows_and_gives_its_statistics_and_metrics():
   """A trained round of TinyNet (conv, BatchNorm, dense; 96 images of 6x6, batches of 16),
   2 particles with SWA means of 2 snapshots: the average's and each particle's statistics
-  are recomputed, in device memory and streamed, from 3 batches of the first 90 rows."""
+  are recomputed, in device memory and streamed, from 3 batches of the first 90 rows; the
+  test (96) and validation (40) splits are evaluated in device memory and from the host."""
   num_batches, num_examples = 3, 90
   model, params, batch_stats, mask, spec, tx, train = _setup()
   settings = imp.RoundSettings(
@@ -56,7 +60,7 @@ def test_streamed_recompute_reads_the_in_device_rows_and_gives_its_statistics():
   keys = jnp.stack([imp.particle_key(0, 0, n) for n in range(2)])
   states = programs.start(params, batch_stats, mask, keys)
   states, _ = programs.train(states, mask, train, jnp.int32(0), num_steps=8)
-  eval_data = imp.EvalData(train.images, train.labels, train.images[:0], train.labels[:0])
+  eval_data = imp.EvalData(train.images, train.labels, train.images[:40], train.labels[:40])
   in_device = programs.finish(states, mask, train, eval_data)
 
   source = _RecordingSource(np.asarray(train.images), np.asarray(train.labels))
@@ -68,9 +72,11 @@ def test_streamed_recompute_reads_the_in_device_rows_and_gives_its_statistics():
     return recompute.accumulate(totals, *args)
 
   recording = dataclasses.replace(recompute, accumulate=accumulate)
-  streamed = streamed_batchnorm.with_streamed_recompute(programs, recording)
+  evaluate = streamed_evaluation.create_host_evaluation(model, settings)
+  streamed = streamed_batchnorm.with_streamed_recompute(programs, recording, evaluate)
   no_images = train._replace(images=train.images[:0], labels=train.labels[:0])
-  out = streamed.finish(states, mask, no_images, eval_data)
+  host_eval_data = imp.EvalData(*jax.device_get(eval_data))  # numpy: batches of 50 go over
+  out = streamed.finish(states, mask, no_images, host_eval_data)
 
   # The same rows in the same order: a seed-0 permutation of the first num_examples rows.
   order = np.asarray(jax.random.permutation(jax.random.key(0), num_examples))[: 3 * 16]
@@ -95,7 +101,35 @@ def test_streamed_recompute_reads_the_in_device_rows_and_gives_its_statistics():
     np.testing.assert_array_equal(a, b)
   metrics, expected = jax.device_get((out.metrics, in_device.metrics))
   assert sorted(metrics) == sorted(expected)
-  assert metrics["bn/average_recomputed"]
+  assert metrics.pop("bn/average_recomputed") and expected["bn/average_recomputed"]
+  assert len(metrics) == 2 * (2 + 2 + 2 + 2)  # splits x (average, particles, both BNs) x 2
+  # The evaluation also sums in other programs: up to 96 examples' losses through conv,
+  # BatchNorm and dense, after the recompute's batches.
+  rtol = equivalence.training_rtol(num_batches + 2, 16 * 6 * 6, depth=3)
+  images = {"test": train.images, "validation": train.images[:40]}
+  models = {  # the headline statistics are the recomputed ones
+    "average": (out.params, out.batch_stats),
+    "average_recomputed_bn": (out.params, out.batch_stats),
+    "average_running_bn": (out.params, out.other_batch_stats),
+  }
+  for key, value in metrics.items():
+    kind, name = key.split("/")
+    split, _, metric = name.partition("_")
+    if metric == "loss":
+      equivalence.assert_close_normwise(value, expected[key], rtol, key)
+      continue
+    if kind == "particles":
+      pairs = [
+        jax.tree.map(lambda x, i=i: x[i], (out.particle_params, out.particle_batch_stats))
+        for i in range(2)
+      ]
+      values, wanted = value, expected[key]
+    else:
+      pairs, values, wanted = [models[kind]], [value], [expected[key]]
+    for (params, stats), a, b in zip(pairs, values, wanted, strict=True):
+      x = data.preprocess(images[split], train.mean, train.std)
+      logits = model.apply({"params": params, "batch_stats": stats}, x, train=False)
+      equivalence.assert_accuracies_agree(float(a), float(b), logits, rtol)
 
 
 class _StridedBatchNormNet(nn.Module):
@@ -167,8 +201,15 @@ def test_swamp_runs_to_the_end_on_streamed_imagenet_with_recomputed_batchnorm(im
   assert all(r.recomputed_bn_test_accuracy is not None for r in written)
   # Each round's statistics are the in-device recompute's over the training set as
   # evaluation crops it (mock labels and images are the same for every call).
-  streamed, *_, mean, std = streamed_data.open_dataset(_imagenet_config())
+  config = _imagenet_config()
+  placement = run_setup.create_placement(config)
+  streamed, train, eval_data, _ = streamed_data.load_streamed_data(config, placement)
   assert streamed.transform == "imagenet" and len(streamed.train) == _MOCK_EXAMPLES
+  # Nothing of the dataset in device memory: no training images, evaluation sets on the host.
+  assert train.images.shape[0] == 0
+  assert all(isinstance(x, np.ndarray) for x in eval_data)
+  assert eval_data.test_images.shape == (_MOCK_EXAMPLES, 224, 224, 3)
+  mean, std = np.asarray(train.mean), np.asarray(train.std)
   images, _ = streamed_data.read_eval_arrays(streamed.train, "imagenet")
   assert images.shape == (_MOCK_EXAMPLES, 224, 224, 3)
   np.testing.assert_array_equal(mean, augmentation.IMAGENET_MEAN)
