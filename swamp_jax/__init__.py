@@ -29,6 +29,8 @@ from swamp_jax.precision import MixedPrecisionModel, with_compute_dtype
 from swamp_jax.results import RoundResult, SwampResult
 from swamp_jax.runner import run
 from swamp_jax.saved_runs import load_run
+from swamp_jax.streamed_batchnorm import StreamedRecompute
+from swamp_jax.streamed_evaluation import HostEvaluation
 from swamp_jax.streaming import ArraySource, TrainStream, iterate_host_batches
 from swamp_jax.swa import SWAState
 from swamp_jax.workdir import load_final_model, load_round_model
@@ -36,11 +38,13 @@ from swamp_jax.workdir import load_final_model, load_round_model
 __all__ = [
   "ArraySource",
   "Dataset",
+  "HostEvaluation",
   "MaskedState",
   "MixedPrecisionModel",
   "PruningRule",
   "RoundResult",
   "SWAState",
+  "StreamedRecompute",
   "SwampResult",
   "TrainStream",
   "apply_mask",
