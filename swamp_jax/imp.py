@@ -32,7 +32,8 @@ class Ticket(NamedTuple):
 
 
 class EvalData(NamedTuple):
-  """Splits to report on: stored images and int32 labels (validation may be empty)."""
+  """Splits to report on: stored images and int32 labels (validation may be empty); in
+  device memory, or host arrays in a streamed run (``streamed_evaluation``)."""
 
   test_images: jax.Array
   test_labels: jax.Array
@@ -157,6 +158,8 @@ def finish_round(
   memory: ``data.images`` is then empty) replaces the recompute pass over
   ``data.images``; it holds what that pass would give (``average``, and
   ``particles`` where ``settings.recomputes`` the particles' solutions).
+  ``eval_data=None`` leaves the split metrics out (a streamed run evaluates
+  its host-held splits batch by batch: ``streamed_evaluation``).
   """
   n = states.key.shape[0]
   lift = functools.partial(particles.lift_over_particles, num_particles=n, placement=placement)
