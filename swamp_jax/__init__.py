@@ -30,6 +30,8 @@ from swamp_jax.results import RoundResult, SwampResult, read_results
 from swamp_jax.rounds import RoundOutput, Ticket, compute_ticket, train_round
 from swamp_jax.runner import run
 from swamp_jax.saved_runs import load_run
+from swamp_jax.streamed_batchnorm import StreamedRecompute
+from swamp_jax.streamed_evaluation import HostEvaluation
 from swamp_jax.streaming import ArraySource, TrainStream, iterate_host_batches
 from swamp_jax.swa import SWAState
 from swamp_jax.workdir import load_final_model, load_round_model
@@ -37,12 +39,14 @@ from swamp_jax.workdir import load_final_model, load_round_model
 __all__ = [
   "ArraySource",
   "Dataset",
+  "HostEvaluation",
   "MaskedState",
   "MixedPrecisionModel",
   "PruningRule",
   "RoundOutput",
   "RoundResult",
   "SWAState",
+  "StreamedRecompute",
   "SwampResult",
   "Ticket",
   "TrainStream",

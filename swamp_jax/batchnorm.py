@@ -55,18 +55,43 @@ def recompute_batch_stats(
     return batch_stats
   images = jnp.asarray(images)  # host arrays cannot be indexed by traced indices
   n = num_examples if num_examples > 0 else images.shape[0]
-  available = n // batch_size
-  num_batches = available if num_batches <= 0 else min(num_batches, available)
-  order = jax.random.permutation(jax.random.key(_BN_ORDER_SEED), n)[: num_batches * batch_size]
-  order = order.reshape(num_batches, batch_size)
+  order = compute_recompute_order(n, batch_size, num_batches)
 
   def body(total, idx):
-    x = data_lib.preprocess(images[idx], mean, std)
-    new = compute_batch_statistics(model, {"params": params, "batch_stats": batch_stats}, x)
-    return jax.tree_util.tree_map(jnp.add, total, new), None
+    return add_batch_statistics(model, params, batch_stats, total, images[idx], mean, std), None
 
   zeros = jax.tree_util.tree_map(jnp.zeros_like, batch_stats)
   total, _ = jax.lax.scan(body, zeros, order)
+  return compute_mean_statistics(total, order.shape[0])
+
+
+def compute_recompute_order(num_examples: int, batch_size: int, num_batches: int) -> jax.Array:
+  """The rows the recompute pass reads, batch by batch: int32 [batches, batch_size].
+
+  A fixed permutation (key ``_BN_ORDER_SEED``) of rows ``[0, num_examples)``, cut into
+  ``num_batches`` full batches (``<= 0``, or more than fit: one epoch's). The in-device
+  pass and the streamed one (``streamed_batchnorm``) read these, in this order.
+  """
+  available = num_examples // batch_size
+  num_batches = available if num_batches <= 0 else min(num_batches, available)
+  order = jax.random.permutation(jax.random.key(_BN_ORDER_SEED), num_examples)
+  return order[: num_batches * batch_size].reshape(num_batches, batch_size)
+
+
+def add_batch_statistics(model, params, batch_stats, total, images, mean, std):
+  """``total`` plus the BatchNorm statistics of one batch of stored images [b, H, W, C]
+  (``compute_batch_statistics`` after ``data.preprocess``); one model, no particle axis.
+
+  Returns:
+    A pytree of ``batch_stats``'s structure.
+  """
+  x = data_lib.preprocess(images, mean, std)
+  new = compute_batch_statistics(model, {"params": params, "batch_stats": batch_stats}, x)
+  return jax.tree_util.tree_map(jnp.add, total, new)
+
+
+def compute_mean_statistics(total, num_batches: int):
+  """The recomputed statistics: the sum of ``num_batches`` batches' statistics over their count."""
   return jax.tree_util.tree_map(lambda t: t / num_batches, total)
 
 

@@ -9,7 +9,9 @@ import optax
 from swamp_jax import data as data_lib
 
 
-def _padded_batches(images, labels, batch_size: int):
+def pad_batches(images, labels, batch_size: int):
+  """(images [k, batch_size, ...], labels [k, batch_size], bool weights [k, batch_size]):
+  ``images`` [n, ...] in batches, the last one padded with zero rows of weight 0."""
   n = images.shape[0]
   num_batches = -(-n // batch_size)
   pad = num_batches * batch_size - n
@@ -27,7 +29,7 @@ def _padded_batches(images, labels, batch_size: int):
 def compute_probabilities(model, variables, images, mean, std, batch_size: int) -> jax.Array:
   """Softmax outputs [n, num_classes] of the model in inference mode."""
   labels = jnp.zeros((images.shape[0],), jnp.int32)
-  xb, _, _ = _padded_batches(images, labels, batch_size)
+  xb, _, _ = pad_batches(images, labels, batch_size)
 
   def body(_, x):
     logits = model.apply(variables, data_lib.preprocess(x, mean, std), train=False)
@@ -35,6 +37,31 @@ def compute_probabilities(model, variables, images, mean, std, batch_size: int) 
 
   _, probs = jax.lax.scan(body, None, xb)
   return probs.reshape(-1, probs.shape[-1])[: images.shape[0]]
+
+
+def compute_batch_sums(model, variables, images, labels, weights, mean, std) -> dict:
+  """Summed cross-entropy and correct predictions of one batch, each example counted with
+  its weight (0 for padding rows).
+
+  Args:
+    images: stored images [b, H, W, C]; labels int32 [b]; weights [b] (0 or 1).
+
+  Returns:
+    ``{'loss': scalar, 'accuracy': scalar}`` float32 sums (``compute_metrics`` divides them).
+  """
+  logits = model.apply(variables, data_lib.preprocess(images, mean, std), train=False)
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  correct = jnp.argmax(logits, -1) == labels
+  return {"loss": jnp.sum(loss * weights), "accuracy": jnp.sum(correct * weights)}
+
+
+def add_sums(totals: dict, sums: dict) -> dict:
+  """``totals`` plus one batch's ``compute_batch_sums`` (in this order: batch after batch)."""
+  return {k: totals[k] + sums[k] for k in totals}
+
+
+def zero_sums() -> dict:
+  return {"loss": jnp.float32(0), "accuracy": jnp.float32(0)}
 
 
 def compute_metrics(model, variables, images, labels, mean, std, batch_size: int) -> dict:
@@ -49,18 +76,18 @@ def compute_metrics(model, variables, images, labels, mean, std, batch_size: int
   Returns:
     ``{'loss': scalar, 'accuracy': scalar}`` float32 arrays.
   """
-  xb, yb, wb = _padded_batches(images, labels, batch_size)
+  xb, yb, wb = pad_batches(images, labels, batch_size)
 
   def body(totals, batch):
-    x, y, w = batch
-    logits = model.apply(variables, data_lib.preprocess(x, mean, std), train=False)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
-    correct = jnp.argmax(logits, -1) == y
-    return (totals[0] + jnp.sum(loss * w), totals[1] + jnp.sum(correct * w)), None
+    return add_sums(totals, compute_batch_sums(model, variables, *batch, mean, std)), None
 
-  (loss, correct), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), (xb, yb, wb))
-  n = images.shape[0]
-  return {"loss": loss / n, "accuracy": correct / n}
+  totals, _ = jax.lax.scan(body, zero_sums(), (xb, yb, wb))
+  return divide_sums(totals, images.shape[0])
+
+
+def divide_sums(totals: dict, num_examples: int) -> dict:
+  """Means of ``num_examples`` examples from their sums."""
+  return {k: v / num_examples for k, v in totals.items()}
 
 
 def compute_ensemble_metrics(probabilities, labels) -> dict:

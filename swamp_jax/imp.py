@@ -32,12 +32,21 @@ class Ticket(NamedTuple):
 
 
 class EvalData(NamedTuple):
-  """Splits to report on: stored images and int32 labels (validation may be empty)."""
+  """Splits to report on: stored images and int32 labels (validation may be empty); in
+  device memory, or host arrays in a streamed run (``streamed_evaluation``)."""
 
   test_images: jax.Array
   test_labels: jax.Array
   validation_images: jax.Array
   validation_labels: jax.Array
+
+
+class RecomputedStats(NamedTuple):
+  """BatchNorm statistics recomputed outside ``finish`` (a streamed run's,
+  ``streamed_batchnorm``), for ``finish_round`` to use as given."""
+
+  average: Any  # the average's, no particle axis
+  particles: Any  # each solution's [N, ...]; None where ``RoundSettings.recomputes`` says not
 
 
 class RoundOutput(NamedTuple):
@@ -49,6 +58,9 @@ class RoundOutput(NamedTuple):
   metrics: dict  # name -> scalar, or [N] for per-particle metrics
   particle_params: Any  # each particle's solution (SWA mean or last weights), [N, ...]
   particle_batch_stats: Any  # their BatchNorm statistics, [N, ...]
+  # The average's other statistics, reported beside the headline (running ones where those
+  # are recomputed, and vice versa); None without BatchNorm or ``bn_recompute``.
+  other_batch_stats: Any = None
 
 
 # Raw uint32[2] keys (not typed key arrays): they checkpoint as plain arrays.
@@ -99,10 +111,23 @@ class RoundSettings:
     """Whether BN statistics of a solution averaging ``num_averaged`` weights are recomputed."""
     return self.bn_recompute and (num_averaged > 1 or self.bn_recompute_unaveraged)
 
+  def recomputes_average(self, num_particles: int) -> bool:
+    """Whether the average of ``num_particles`` solutions gets recomputed statistics (it
+    averages their SWA snapshots; SWA off: their last weights)."""
+    return self.recomputes(num_particles * max(self.swa_snapshots, 1))
 
-def _evaluate(model, params, batch_stats, images, labels, mean, std, batch_size):
-  variables = {"params": params, "batch_stats": batch_stats}
-  return evaluation.compute_metrics(model, variables, images, labels, mean, std, batch_size)
+  def recomputes_particles(self) -> bool:
+    """Whether each particle's solution gets recomputed statistics (``recomputes`` of the
+    SWA snapshots it averages; SWA off: its last weights, one)."""
+    return self.recomputes(max(self.swa_snapshots, 1))
+
+
+def compute_round_average(states: particles.ParticleState, placement=None):
+  """(each particle's solution [N, ...], their average, the mean of the particles'
+  running BatchNorm statistics): what a round's end averages."""
+  solutions = particles.compute_solutions(states, placement)
+  avg_params = averaging.average_particles(solutions)
+  return solutions, avg_params, averaging.average_particles(states.batch_stats)
 
 
 def finish_round(
@@ -111,6 +136,7 @@ def finish_round(
   data: particles.DeviceData,
   eval_data: EvalData,
   prune_key: jax.Array | None = None,
+  recomputed: RecomputedStats | None = None,
   *,
   model,
   prunable,
@@ -127,15 +153,19 @@ def finish_round(
   the headline is. ``prune_key`` (``prune_key(seed, round)``) feeds a random
   prune criterion. Outputs other than the per-particle ones are replicated
   over the mesh.
+
+  ``recomputed`` (a streamed run's, which has no training set in device
+  memory: ``data.images`` is then empty) replaces the recompute pass over
+  ``data.images``; it holds what that pass would give (``average``, and
+  ``particles`` where ``settings.recomputes`` the particles' solutions).
+  ``eval_data=None`` leaves the split metrics out (a streamed run evaluates
+  its host-held splits batch by batch: ``streamed_evaluation``).
   """
   n = states.key.shape[0]
   lift = functools.partial(particles.lift_over_particles, num_particles=n, placement=placement)
-  solutions = particles.compute_solutions(states, placement)
-  avg_params = averaging.average_particles(solutions)
-  running_bs = averaging.average_particles(states.batch_stats)
+  solutions, avg_params, running_bs = compute_round_average(states, placement)
   has_bn = bool(jax.tree_util.tree_leaves(running_bs))
-  snapshots = max(settings.swa_snapshots, 1)  # SWA off: a particle's solution is its last weights
-  recompute_average = settings.recomputes(n * snapshots)
+  recompute_average = settings.recomputes_average(n)
   recompute = functools.partial(
     batchnorm.recompute_batch_stats,
     model,
@@ -146,54 +176,133 @@ def finish_round(
     num_batches=settings.bn_num_batches,
     num_examples=settings.bn_num_examples,
   )
-  recomputed_bs = recompute(avg_params, running_bs) if settings.bn_recompute else running_bs
+  if not settings.bn_recompute:
+    recomputed_bs = running_bs
+  elif recomputed is not None:
+    recomputed_bs = recomputed.average
+  else:
+    recomputed_bs = recompute(avg_params, running_bs)
   avg_bs = recomputed_bs if recompute_average else running_bs
   particle_bs = states.batch_stats
-  if settings.recomputes(snapshots):
-    particle_bs = lift(recompute)(solutions, states.batch_stats)
+  if settings.recomputes_particles():
+    if recomputed is not None:
+      particle_bs = recomputed.particles
+    else:
+      particle_bs = lift(recompute)(solutions, states.batch_stats)
 
+  other_bs = None
+  if settings.bn_recompute and has_bn:
+    # BN after averaging is switchable, so the average is reported both ways, whichever
+    # the headline is (evaluated once each).
+    other_bs = running_bs if recompute_average else recomputed_bs
   metrics = {}
   if has_bn:
     metrics["bn/average_recomputed"] = jnp.asarray(recompute_average)
-  splits = [("test", eval_data.test_images, eval_data.test_labels)]
-  if eval_data.validation_images.shape[0]:
-    splits.append(("validation", eval_data.validation_images, eval_data.validation_labels))
-  for split, images, labels in splits:
-    evaluate = functools.partial(
-      _evaluate,
-      model,
-      images=images,
-      labels=labels,
-      mean=data.mean,
-      std=data.std,
-      batch_size=settings.eval_batch_size,
+  evaluated = RoundOutput(avg_params, avg_bs, None, {}, solutions, particle_bs, other_bs)
+  for split, images, labels in list_eval_splits(eval_data) if eval_data is not None else ():
+    totals = compute_split_sums(
+      evaluated,
+      images,
+      labels,
+      data.mean,
+      data.std,
+      settings.eval_batch_size,
+      model=model,
+      placement=placement,
     )
-    headline = evaluate(avg_params, avg_bs)
-    for name, value in headline.items():
-      metrics[f"average/{split}_{name}"] = value
-    for name, value in lift(evaluate)(solutions, particle_bs).items():
-      metrics[f"particles/{split}_{name}"] = value
-    if settings.bn_recompute and has_bn:
-      # BN after averaging is switchable, so the average is reported both ways, whichever
-      # the headline is (evaluated once each).
-      other = evaluate(avg_params, running_bs if recompute_average else recomputed_bs)
-      both = {"recomputed": headline, "running": other}
-      if not recompute_average:
-        both = {"recomputed": other, "running": headline}
-      for kind, values in both.items():
-        for name, value in values.items():
-          metrics[f"average_{kind}_bn/{split}_{name}"] = value
+    metrics.update(name_split_metrics(split, totals, images.shape[0], recompute_average))
   next_mask = masking.compute_mask(
     avg_params, mask, prunable, settings.prune_fraction, settings.pruning_rule, key=prune_key
   )
-  out = RoundOutput(avg_params, avg_bs, next_mask, metrics, solutions, particle_bs)
+  out = evaluated._replace(next_mask=next_mask, metrics=metrics)
   if placement is not None:
-    replicated = (out.params, out.batch_stats, out.next_mask, out.metrics)
+    names = ("params", "batch_stats", "next_mask", "metrics", "other_batch_stats")
+    replicated = [getattr(out, name) for name in names]
     replicated = jax.lax.with_sharding_constraint(replicated, placement.replicated)
-    out = out._replace(
-      **dict(zip(("params", "batch_stats", "next_mask", "metrics"), replicated, strict=True))
-    )
+    out = out._replace(**dict(zip(names, replicated, strict=True)))
   return out
+
+
+def list_eval_splits(eval_data: EvalData) -> list:
+  """[(split name, images, labels)]: 'test', and 'validation' where it has examples."""
+  splits = [("test", eval_data.test_images, eval_data.test_labels)]
+  if eval_data.validation_images.shape[0]:
+    splits.append(("validation", eval_data.validation_images, eval_data.validation_labels))
+  return splits
+
+
+def add_evaluation_sums(
+  totals, out: RoundOutput, images, labels, weights, mean, std, *, model, placement=None
+):
+  """``totals`` plus one evaluation batch's loss and correct-prediction sums of the average
+  (with its headline statistics, and its other ones where ``out.other_batch_stats``) and of
+  each particle's solution (lifted over the particle axis).
+
+  Args:
+    totals: {'headline', 'other', 'particles'} -> {'loss', 'accuracy'} float32 sums,
+      scalars ([N] for 'particles'); 'other' only where ``out.other_batch_stats``.
+    out: the models (``RoundOutput``'s params and statistics; other fields unused).
+    images: stored images [b, H, W, C]; labels int32 [b]; weights [b] (0: padding).
+  """
+  n = jax.tree_util.tree_leaves(out.particle_params)[0].shape[0]
+
+  def sums(params, batch_stats):
+    variables = {"params": params, "batch_stats": batch_stats}
+    return evaluation.compute_batch_sums(model, variables, images, labels, weights, mean, std)
+
+  new = {
+    "headline": sums(out.params, out.batch_stats),
+    "particles": particles.lift_over_particles(sums, n, placement)(
+      out.particle_params, out.particle_batch_stats
+    ),
+  }
+  if out.other_batch_stats is not None:
+    new["other"] = sums(out.params, out.other_batch_stats)
+  return {k: evaluation.add_sums(totals[k], new[k]) for k in totals}
+
+
+def create_evaluation_sums(out: RoundOutput) -> dict:
+  """Zero ``add_evaluation_sums`` totals for the models of ``out``."""
+  n = jax.tree_util.tree_leaves(out.particle_params)[0].shape[0]
+  totals = {"headline": evaluation.zero_sums()}
+  totals["particles"] = {k: jnp.zeros((n,), jnp.float32) for k in totals["headline"]}
+  if out.other_batch_stats is not None:
+    totals["other"] = evaluation.zero_sums()
+  return totals
+
+
+def compute_split_sums(
+  out: RoundOutput, images, labels, mean, std, batch_size: int, *, model, placement=None
+):
+  """``add_evaluation_sums`` over a whole split in device memory (images [n, H, W, C]),
+  batch after batch in one compiled loop."""
+  xb, yb, wb = evaluation.pad_batches(images, labels, batch_size)
+  add = functools.partial(
+    add_evaluation_sums, out=out, mean=mean, std=std, model=model, placement=placement
+  )
+
+  def body(totals, batch):
+    return add(totals, images=batch[0], labels=batch[1], weights=batch[2]), None
+
+  totals, _ = jax.lax.scan(body, create_evaluation_sums(out), (xb, yb, wb))
+  return totals
+
+
+def name_split_metrics(split: str, totals: dict, num_examples: int, recompute_average) -> dict:
+  """``finish``'s metrics of one split from its ``add_evaluation_sums`` totals:
+  ``average/{split}_*``, ``particles/{split}_*`` ([N]), and with the other statistics
+  ``average_{recomputed,running}_bn/{split}_*``."""
+  means = {k: evaluation.divide_sums(v, num_examples) for k, v in totals.items()}
+  metrics = {f"average/{split}_{name}": v for name, v in means["headline"].items()}
+  metrics.update({f"particles/{split}_{name}": v for name, v in means["particles"].items()})
+  if "other" in means:
+    both = {"recomputed": means["headline"], "running": means["other"]}
+    if not recompute_average:
+      both = {"recomputed": means["other"], "running": means["headline"]}
+    for kind, values in both.items():
+      for name, value in values.items():
+        metrics[f"average_{kind}_bn/{split}_{name}"] = value
+  return metrics
 
 
 @dataclasses.dataclass(frozen=True)

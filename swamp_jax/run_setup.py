@@ -22,7 +22,9 @@ from swamp_jax import (
   models,
   optimizers,
   particles,
+  streamed_batchnorm,
   streamed_data,
+  streamed_evaluation,
 )
 from swamp_jax import config as config_lib
 from swamp_jax import data as data_lib
@@ -303,10 +305,13 @@ def create_setup(config, optimizer=None, prune_score=None, model=None, dataset=N
   pretrain_tx = optimizers.masked(factory(ticket_schedule))
   round_tx = optimizers.masked(factory(optimizers.offset_schedule(schedule, rewind_step)))
   stream = None
+  rounds = imp.create_round_programs(model, round_tx, spec, prunable, settings, placement)
   if streamed:
-    train_data = streamed_data.stage_recompute_images(
-      config, dataset, train_data, batch_stats, placement
+    recompute = streamed_batchnorm.create_streamed_recompute(
+      dataset.train, dataset.transform, model, settings, config.dataset.stream_workers, placement
     )
+    evaluate = streamed_evaluation.create_host_evaluation(model, settings, placement)
+    rounds = streamed_batchnorm.with_streamed_recompute(rounds, recompute, evaluate)
     programs = {"pretrain": (model, pretrain_tx, pretrain_spec), "rounds": (model, round_tx, spec)}
     stream = streamed_data.create_train_stream(config, dataset, train_data, programs, placement)
   return RunSetup(
@@ -326,7 +331,7 @@ def create_setup(config, optimizer=None, prune_score=None, model=None, dataset=N
       pretrain=imp.create_round_programs(
         model, pretrain_tx, pretrain_spec, prunable, settings, placement
       ),
-      rounds=imp.create_round_programs(model, round_tx, spec, prunable, settings, placement),
+      rounds=rounds,
     ),
   )
 

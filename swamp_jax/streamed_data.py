@@ -4,11 +4,11 @@ evaluation sets, and the ``streaming.TrainStream`` that feeds the steps.
 The training rows are the ones ``datasets.load_dataset`` keeps (the same fixed
 seed-0 permutation decides ``train_size`` and ``validation_size``), so a
 streamed run trains on the same examples in the same orders as an in-device
-run. What still sits in device memory in a streamed run: the test and
-validation sets (ImageNet's through the evaluation crop: 50,000 x 224 x 224 x 3
-bytes, 7.5 GB, on every device), and, for models with BatchNorm and
-``bn_recompute``, the training set for the recompute pass (refused where the
-images have no fixed shape).
+run. Nothing of the dataset stays in device memory: the BatchNorm recompute
+pass reads its batches through the host (``streamed_batchnorm``), and the test
+and validation sets (ImageNet's through the evaluation crop: 50,000 x 224 x 224
+x 3 bytes, 7.5 GB) stay in host memory, evaluated batch by batch
+(``streamed_evaluation``).
 """
 
 from __future__ import annotations
@@ -77,18 +77,26 @@ def resolve_pipeline(config, dataset: datasets.Dataset | None = None) -> str:
   return streaming.choose_pipeline(d.pipeline, num, shape, itemsize)
 
 
-def read_eval_arrays(source, transform: str, chunk: int = 1024):
-  """All of ``source`` as (stored images [n, H, W, C], int32 labels [n]); ImageNet-like
-  images through ``augmentation.resize_and_center_crop``."""
-  images, labels = [], []
-  for start in range(0, len(source), chunk):
-    records = streaming.read_records(source, range(start, min(start + chunk, len(source))))
-    x = [np.asarray(r["image"]) for r in records]
-    if transform == "imagenet":
-      x = [augmentation.resize_and_center_crop(i) for i in x]
-    images.append(np.stack(x))
-    labels.append(np.asarray([r["label"] for r in records], np.int32))
-  return np.concatenate(images), np.concatenate(labels)
+def read_eval_images(source, indices, transform: str) -> tuple[np.ndarray, np.ndarray]:
+  """Records ``indices`` of ``source`` as evaluation sees them: (stored images [k, H, W, C],
+  int32 labels [k]); ImageNet-like images through ``augmentation.resize_and_center_crop``."""
+  records = streaming.read_records(source, indices)
+  x = [np.asarray(r["image"]) for r in records]
+  if transform == "imagenet":
+    x = [augmentation.resize_and_center_crop(i) for i in x]
+  return np.stack(x), np.asarray([r["label"] for r in records], np.int32)
+
+
+def read_eval_arrays(source, transform: str, empty=((0,), np.uint8), chunk: int = 1024):
+  """All of ``source`` as (stored images [n, H, W, C], int32 labels [n]) (``read_eval_images``);
+  an empty source (no held-out validation rows) as arrays of ``empty``'s (image shape, dtype)."""
+  chunks = [
+    read_eval_images(source, range(start, min(start + chunk, len(source))), transform)
+    for start in range(0, len(source), chunk)
+  ]
+  if not chunks:
+    return np.zeros((0, *empty[0]), empty[1]), np.zeros((0,), np.int32)
+  return np.concatenate([x for x, _ in chunks]), np.concatenate([y for _, y in chunks])
 
 
 def compute_source_stats(source, chunk: int = 4096):
@@ -132,10 +140,12 @@ def open_dataset(config, dataset: datasets.Dataset | None = None):
     len(whole), d.validation_size, d.train_size, d.name
   )
   train = streaming.RowsSource(whole, train_rows)
-  test = read_eval_arrays(source(d.test_split), transform)
-  validation = read_eval_arrays(streaming.RowsSource(whole, val_rows), transform)
   if transform == "imagenet":
     shape = (augmentation.IMAGE_SIZE, augmentation.IMAGE_SIZE, shape[-1])
+  dtype = builder.info.features[d.image_key].np_dtype
+  test = read_eval_arrays(source(d.test_split), transform, (shape, dtype))
+  validation = read_eval_arrays(streaming.RowsSource(whole, val_rows), transform, (shape, dtype))
+  if transform == "imagenet":
     mean, std = augmentation.IMAGENET_MEAN, augmentation.IMAGENET_STD
   else:
     mean, std = compute_source_stats(train)
@@ -148,12 +158,13 @@ def open_dataset(config, dataset: datasets.Dataset | None = None):
 
 def load_streamed_data(config, placement, dataset: datasets.Dataset | None = None):
   """``run_setup.load_data`` for a streamed run: (StreamedDataset, DeviceData holding
-  only the statistics (no images), EvalData, number of training examples)."""
+  only the statistics (no images), EvalData of host arrays, number of training examples)."""
   streamed, test, validation, mean, std = open_dataset(config, dataset)
   empty = np.zeros((0, *streamed.image_shape), np.uint8)
   mean, std = placement.replicate((mean, std))
   train = particles.DeviceData(*placement.replicate((empty, np.zeros((0,), np.int32))), mean, std)
-  eval_data = imp.EvalData(*placement.replicate((*test, *validation)))
+  # Kept on the host: the rounds evaluate them batch by batch (streamed_evaluation).
+  eval_data = imp.EvalData(*test, *validation)
   return streamed, train, eval_data, len(streamed.train)
 
 
@@ -173,25 +184,3 @@ def create_train_stream(
     placement,
     steps,
   )
-
-
-def stage_recompute_images(config, streamed: StreamedDataset, train, batch_stats, placement):
-  """``train`` with the training images that ``finish``'s BatchNorm recompute reads (all of
-  them), for models with BatchNorm and ``bn_recompute``; else ``train`` unchanged.
-
-  Raises:
-    ValueError: the images have no fixed shape (not implemented: the recompute pass
-      is not streamed yet).
-  """
-  import jax
-
-  if not (config.bn_recompute.enabled and jax.tree_util.tree_leaves(batch_stats)):
-    return train
-  if streamed.transform != "none":
-    raise ValueError(
-      f"dataset {streamed.name!r} is streamed (pipeline='stream') and its images have no "
-      "fixed shape, but recomputing BatchNorm statistics reads the training set from device "
-      "memory (not streamed yet); set bn_recompute.enabled=False"
-    )
-  images, labels = read_eval_arrays(streamed.train, "none")
-  return train._replace(images=placement.replicate(images), labels=placement.replicate(labels))

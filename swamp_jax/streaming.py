@@ -207,7 +207,7 @@ def iterate_host_batches(
     ds = grain.MapDataset.source(np.ascontiguousarray(blocks.transpose(1, 0, 2))).map(reader)
     ds = ds.to_iter_dataset(read)
     if worker_count > 0:
-      _mark_flags_parsed()
+      mark_flags_parsed()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     iterator = iter(ds)
     try:
@@ -218,7 +218,7 @@ def iterate_host_batches(
     step += last - first
 
 
-def _mark_flags_parsed() -> None:
+def mark_flags_parsed() -> None:
   """grain 0.2.18's worker processes read an absl flag, which raises before absl parsed
   the command line (a program not started by absl.app): use the flags' defaults then."""
   from absl import flags
