@@ -46,6 +46,7 @@ class HostEvaluation:
   settings: imp.RoundSettings
   placement: Any
   add: Any  # jitted imp.add_evaluation_sums, totals donated
+  replicate: Any  # jitted identity onto every device: every process reads every metric
 
   def _put(self, batch):
     if self.placement is None:
@@ -63,7 +64,9 @@ class HostEvaluation:
       for batch in iterate_eval_batches(images, labels, self.batch_size):
         totals = self.add(totals, models, *self._put(batch), mean, std)
       metrics.update(imp.name_split_metrics(split, totals, len(labels), recompute_average))
-    return metrics
+    # The particles' metrics are split over the mesh as the particles are (over processes, in
+    # a run of several); finish reports them replicated, as the in-device finish does.
+    return self.replicate(metrics)
 
 
 def create_host_evaluation(model, settings: imp.RoundSettings, placement=None) -> HostEvaluation:
@@ -72,4 +75,8 @@ def create_host_evaluation(model, settings: imp.RoundSettings, placement=None) -
     functools.partial(imp.add_evaluation_sums, model=model, placement=placement),
     donate_argnums=(0,),
   )
-  return HostEvaluation(settings.eval_batch_size, settings, placement, add)
+  if placement is None:
+    replicate = jax.jit(lambda metrics: metrics)
+  else:
+    replicate = jax.jit(lambda metrics: metrics, out_shardings=placement.replicated)
+  return HostEvaluation(settings.eval_batch_size, settings, placement, add, replicate)
