@@ -168,9 +168,12 @@ def test_vmap_over_particles_equals_loop(conv_impl):
   particles = [_random_variables(model, shape, seed=p) for p in range(num_particles)]
   stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *particles)
   xs = jax.random.normal(jax.random.key(3), (num_particles, *shape))
-  lifted = jax.vmap(_train_step(model))(stacked, xs)
+  # Jitted (as SWAMP runs them): eager, every op of the vmapped step compiled on its own took
+  # 9.9 s with 'xla', against 1.7 s for both programs.
+  lifted = jax.jit(jax.vmap(_train_step(model)))(stacked, xs)
+  step = jax.jit(_train_step(model))
   for p in range(num_particles):
-    expected = _train_step(model)(particles[p], xs[p])
+    expected = step(particles[p], xs[p])
     _assert_trees_close(jax.tree.map(lambda leaf, p=p: leaf[p], lifted), expected, RESNET20_RTOL)
 
 
