@@ -129,21 +129,42 @@ def compute_once_per_session(tmp_path_factory, name: str, compute):
 # shared run in both halves: one worker would wait for the other's), and the quick tests
 # after them, where they fill the end. Serial runs just see another order.
 _SLOW_TESTS = {
-  "test_two_processes_with_batchnorm_give_the_result_of_one": ("two_process_run", 90),
+  "test_two_processes_with_batchnorm_give_the_result_of_one": ("two_process_run", 60),
   "test_two_processes_killed_mid_round_resume_to_the_uninterrupted_result": (
     "two_process_run",
-    90,
+    55,
   ),
-  "test_mesh_of_4_particles_by_2_data_equals_one_device": ("sharded_run", 70),
-  "test_checkpoint_from_an_8_device_mesh_resumes_on_one_device": ("sharded_run", 10),
+  # Shares the one-process reference (a module fixture) with the first two-process test.
+  "test_two_processes_streaming_their_batches_give_the_result_of_one": ("two_process_run", 45),
+  "test_mesh_of_4_particles_by_2_data_equals_one_device": ("sharded_run", 65),
+  "test_checkpoint_from_an_8_device_mesh_resumes_on_one_device": ("sharded_run", 9),
   "test_models_saved_on_an_8_device_mesh_load_on_1": ("sharded_run", 1),
-  "test_analyses_of_a_sweep_folder": ("saved_runs", 55),
-  "test_batchnorm_steps_with_the_batch_split_over_data_equal_one_device": (None, 68),
-  "test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_result": (None, 60),
-  "test_a_killed_sweep_resumes_its_interrupted_run_and_skips_finished_ones": (None, 38),
+  "test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_result": (None, 40),
+  "test_vit_prunes_its_attention_kernels_layerwise_at_exact_counts": ("user_model_test_vit", 15),
+  "test_resumes_bit_identically_after_sigkill[test_vit]": ("user_model_test_vit", 32),
+  "test_analyses_rebuild_the_registered_model_from_the_saved_run[test_vit]": (
+    "user_model_test_vit",
+    32,
+  ),
+  "test_nnx_model_by_name_trains_and_prunes_its_attention_kernels": ("user_model_test_nnx", 10),
+  "test_resumes_bit_identically_after_sigkill[test_nnx]": ("user_model_test_nnx", 15),
+  "test_analyses_rebuild_the_registered_model_from_the_saved_run[test_nnx]": (
+    "user_model_test_nnx",
+    25,
+  ),
+  "test_lottery_pools_of_a_user_model": ("user_model_test_nnx", 8),
+  "test_analyses_of_a_sweep_folder": ("saved_runs", 30),
+  "test_the_readme_section_on_your_own_model_data_and_pruning_rule_runs": (None, 26),
+  "test_a_killed_sweep_resumes_its_interrupted_run_and_skips_finished_ones": (None, 18),
+  "test_swamp_runs_to_the_end_on_streamed_imagenet_with_recomputed_batchnorm": (
+    "streamed_imagenet",
+    15,
+  ),
+  "test_streamed_imagenet_run_resumed_mid_round_is_bit_identical": ("streamed_imagenet", 4),
+  "test_batchnorm_steps_with_the_batch_split_over_data_equal_one_device": (None, 13),
   "test_second_launch_is_refused_and_ctrl_c_ends_with_one_line_that_says_how_to_resume": (
     None,
-    30,
+    10,
   ),
 }
 
@@ -152,7 +173,8 @@ def pytest_collection_modifyitems(session, config, items):
   groups = {}  # group -> [cost, items]
   quick = []
   for item in items:
-    group, seconds = _SLOW_TESTS.get(item.originalname, (None, 0))
+    # A parametrized test by its own name (e.g. test_x[a]) first, then by its function's.
+    group, seconds = _SLOW_TESTS.get(item.name, _SLOW_TESTS.get(item.originalname, (None, 0)))
     if not seconds:
       quick.append(item)
       continue
