@@ -102,15 +102,7 @@ def iterate_recompute_batches(source, order, transform: str = "none", worker_cou
   ds = ds.to_iter_dataset(
     grain.ReadOptions(num_threads=_BATCHES_AHEAD, prefetch_buffer_size=_BATCHES_AHEAD)
   )
-  if worker_count > 0:
-    streaming.mark_flags_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-  iterator = iter(ds)
-  try:
-    yield from iterator
-  finally:
-    if hasattr(iterator, "close"):
-      iterator.close()
+  yield from streaming.iterate_in_workers(ds, worker_count)
 
 
 @dataclasses.dataclass(frozen=True)

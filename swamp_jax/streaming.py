@@ -205,17 +205,24 @@ def iterate_host_batches(
     read = grain.ReadOptions(num_threads=_HOST_BATCHES_AHEAD, prefetch_buffer_size=2)
     reader = BatchReader(source, keys, epoch, transform, image_size)
     ds = grain.MapDataset.source(np.ascontiguousarray(blocks.transpose(1, 0, 2))).map(reader)
-    ds = ds.to_iter_dataset(read)
-    if worker_count > 0:
-      mark_flags_parsed()
-      ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
-    iterator = iter(ds)
-    try:
-      yield from iterator
-    finally:
-      if hasattr(iterator, "close"):
-        iterator.close()  # worker processes end with the epoch
+    yield from iterate_in_workers(ds.to_iter_dataset(read), worker_count)
     step += last - first
+
+
+def iterate_in_workers(ds, worker_count: int):
+  """The elements of the grain ``IterDataset`` ``ds``, read by ``worker_count`` worker
+  processes (0: threads of this process); the workers end with the iteration."""
+  import grain
+
+  if worker_count > 0:
+    mark_flags_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+  iterator = iter(ds)
+  try:
+    yield from iterator
+  finally:
+    if hasattr(iterator, "close"):
+      iterator.close()
 
 
 def mark_flags_parsed() -> None:
