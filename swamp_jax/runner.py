@@ -400,6 +400,7 @@ def _run(config, workdir, setup, primary) -> results_lib.SwampResult:
       point = checkpointing.restore_latest(
         manager, config, lambda phase: run_setup.create_abstract_state(setup, phase)
       )
+    resumed = point is not None
     if point is None:
       point = run_setup.create_initial_point(setup)
       if manager is not None:  # a good state on disk before anything can diverge
@@ -415,7 +416,7 @@ def _run(config, workdir, setup, primary) -> results_lib.SwampResult:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     if workdir is not None:
       with _interrupts_deferred():
-        workdir_lib.restore_files(workdir, point, primary)
+        workdir_lib.restore_files(workdir, point, primary, resumed)
     rounds, final = _train(setup, point, manager, workdir, progress)
   finally:
     progress.close()

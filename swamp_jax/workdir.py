@@ -135,14 +135,18 @@ def prepare_workdir(workdir: str, overwrite: bool, primary: bool = True) -> None
     )
 
 
-def restore_files(workdir: str, point: checkpointing.ResumePoint, primary: bool = True) -> None:
+def restore_files(
+  workdir: str, point: checkpointing.ResumePoint, primary: bool = True, resumed: bool = True
+) -> None:
   """Rewrites what a resumed run can derive from its checkpoint; names what it cannot.
 
   ``results.jsonl`` is rewritten from the checkpoint's finished rounds (a
   torn, cut or deleted file is repaired) by the primary process; a missing
   ``ticket/`` is saved again (by every process: orbax saves are collective).
   Past rounds' models are not in the checkpoint: missing ones are named in a
-  warning (the analyses that need them fail naming them too).
+  warning (the analyses that need them fail naming them too). A run that starts
+  fresh at the rewind point (``resumed=False``, ``rewind_epochs=0``) writes its
+  ticket, the initialization, here without a warning.
   """
   if primary:
     path = os.path.join(workdir, results_lib.RESULTS_FILE)
@@ -152,7 +156,8 @@ def restore_files(workdir: str, point: checkpointing.ResumePoint, primary: bool 
       os.remove(path)  # no round finished yet: anything there is a torn first line
   ticket_dir = os.path.join(workdir, TICKET_DIR)
   if point.phase != checkpointing.PRETRAIN_PHASE and not os.path.isdir(ticket_dir):
-    logging.warning("%s was missing; rewriting it from the checkpoint", ticket_dir)
+    if resumed:
+      logging.warning("%s was missing; rewriting it from the checkpoint", ticket_dir)
     save_tree(ticket_dir, point.ticket._asdict())
   missing = [
     d["round"] for d in point.results if not os.path.isdir(round_model_path(workdir, d["round"]))

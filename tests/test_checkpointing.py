@@ -351,3 +351,15 @@ def test_a_diverged_run_says_how_to_rerun_it_with_other_settings(tiny_config, tm
   tiny_config.overwrite = True
   assert swamp_jax.run(tiny_config, str(tmp_path)).final.test_accuracy > 0.5
   assert not (tmp_path / "diverged.txt").exists()
+
+
+def test_a_fresh_run_from_the_initialization_saves_its_ticket_without_a_warning(
+  tiny_config, tmp_path, caplog
+):
+  # rewind_epochs=0: the run starts at the rewind point, its ticket the initialization.
+  tiny_config.rewind_epochs = 0
+  tiny_config.num_rounds = 0
+  with caplog.at_level("WARNING"):
+    swamp_jax.run(tiny_config, str(tmp_path))
+  assert (tmp_path / "ticket").is_dir()
+  assert "rewriting it" not in caplog.text and "missing" not in caplog.text
