@@ -87,10 +87,7 @@ class RecomputeReader:
   transform: str = "none"
 
   def __call__(self, rows):
-    rows = np.asarray(rows)
-    if self.transform == "none" and hasattr(self.source, "read_arrays"):
-      return self.source.read_arrays(rows)[0]
-    return streamed_data.read_eval_images(self.source, rows, self.transform)[0]
+    return streamed_data.read_eval_images(self.source, np.asarray(rows), self.transform)[0]
 
 
 def iterate_recompute_batches(source, order, transform: str = "none", worker_count: int = 0):

@@ -80,6 +80,9 @@ def resolve_pipeline(config, dataset: datasets.Dataset | None = None) -> str:
 def read_eval_images(source, indices, transform: str) -> tuple[np.ndarray, np.ndarray]:
   """Records ``indices`` of ``source`` as evaluation sees them: (stored images [k, H, W, C],
   int32 labels [k]); ImageNet-like images through ``augmentation.resize_and_center_crop``."""
+  if transform == "none" and hasattr(source, "read_arrays"):  # one gather, no record dicts
+    images, labels = source.read_arrays(np.asarray(indices))
+    return images, np.asarray(labels, np.int32)
   records = streaming.read_records(source, indices)
   x = [np.asarray(r["image"]) for r in records]
   if transform == "imagenet":

@@ -46,7 +46,7 @@ class HostEvaluation:
   settings: imp.RoundSettings
   placement: Any
   add: Any  # jitted imp.add_evaluation_sums, totals donated
-  replicate: Any  # jitted identity onto every device: every process reads every metric
+  replicate: Any  # with a mesh, a jitted identity onto every device: every process reads all
 
   def _put(self, batch):
     if self.placement is None:
@@ -66,7 +66,7 @@ class HostEvaluation:
       metrics.update(imp.name_split_metrics(split, totals, len(labels), recompute_average))
     # The particles' metrics are split over the mesh as the particles are (over processes, in
     # a run of several); finish reports them replicated, as the in-device finish does.
-    return self.replicate(metrics)
+    return metrics if self.replicate is None else self.replicate(metrics)
 
 
 def create_host_evaluation(model, settings: imp.RoundSettings, placement=None) -> HostEvaluation:
@@ -75,8 +75,7 @@ def create_host_evaluation(model, settings: imp.RoundSettings, placement=None) -
     functools.partial(imp.add_evaluation_sums, model=model, placement=placement),
     donate_argnums=(0,),
   )
-  if placement is None:
-    replicate = jax.jit(lambda metrics: metrics)
-  else:
+  replicate = None
+  if placement is not None:
     replicate = jax.jit(lambda metrics: metrics, out_shardings=placement.replicated)
   return HostEvaluation(settings.eval_batch_size, settings, placement, add, replicate)

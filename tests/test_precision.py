@@ -2,7 +2,6 @@
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,25 +21,11 @@ from swamp_jax import (
 
 from . import equivalence
 from .conftest import create_tiny_config
+from .test_particles import TinyNet
 
 # bfloat16 keeps 8 significant bits: one rounding moves a value by at most 2^-8 of itself
 # (round to nearest; the spacing of bf16 numbers in [1, 2) is 2^-7).
 BF16_U = 2.0**-8
-
-
-class TinyBNNet(nn.Module):
-  """Conv + BatchNorm + Dense, with the models' fields (a user model needs no dtype of its own)."""
-
-  num_classes: int = 3
-  conv_impl: str = "xla"
-  bn_momentum: float = 0.9
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    x = nn.Conv(4, (3, 3))(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum)(x)
-    x = nn.relu(x).reshape(x.shape[0], -1)
-    return nn.Dense(self.num_classes, name="head")(x)
 
 
 def _float_dtypes(tree):
@@ -48,7 +33,7 @@ def _float_dtypes(tree):
 
 
 def test_compute_dtype_is_validated_and_float32_is_the_model_itself():
-  model = TinyBNNet()
+  model = TinyNet()
   assert precision.with_compute_dtype(model, "float32") is model
   wrapped = precision.with_compute_dtype(model, "bfloat16")
   assert wrapped.bn_momentum == 0.9 and wrapped.clone(bn_momentum=0.0).bn_momentum == 0.0
@@ -64,7 +49,7 @@ def test_compute_dtype_is_validated_and_float32_is_the_model_itself():
 def test_bf16_model_computes_in_bf16_with_float32_statistics_and_outputs():
   """Products in bf16; BatchNorm statistics (train mode and recomputed after averaging),
   logits, the loss, its gradients, the optimizer state and metrics in float32."""
-  model = precision.with_compute_dtype(TinyBNNet(), "bfloat16")
+  model = precision.with_compute_dtype(TinyNet(), "bfloat16")
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.integers(0, 255, size=(32, 6, 6, 1), dtype=np.uint8))
   labels = jnp.asarray(rng.integers(0, 3, size=(32,)), jnp.int32)
