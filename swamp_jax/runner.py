@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-import signal
-import threading
 import time
 
 import jax
@@ -20,6 +17,7 @@ from swamp_jax import (
   datasets,
   distributed,
   imp,
+  interrupts,
   masking,
   models,
   optimizers,
@@ -54,31 +52,6 @@ class _Progress:
   def close(self):
     if self.bar is not None:
       self.bar.close()
-
-
-@contextlib.contextmanager
-def _interrupts_deferred():
-  """Holds Ctrl-C back until the block ends, then raises KeyboardInterrupt.
-
-  Orbax saves in threads of its own; an interrupt inside a save or a wait
-  for one leaves it half-started and its threads failing at exit. Around
-  those calls Ctrl-C is delivered once they return, so a run stops cleanly
-  between saves (and resumes from the last one).
-  """
-  if (
-    threading.current_thread() is not threading.main_thread()
-    or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-  ):
-    yield
-    return
-  received = []
-  signal.signal(signal.SIGINT, lambda *_: received.append(True))
-  try:
-    yield
-  finally:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-  if received:
-    raise KeyboardInterrupt
 
 
 def train_phase(
@@ -128,6 +101,7 @@ def train_phase(
       _raise_diverged(losses, phase, start)
     if after_chunk is not None:
       after_chunk(states, start + n, n, losses)
+    interrupts.check()  # a Ctrl-C that Python dropped (see interrupts)
   return states
 
 
@@ -159,7 +133,7 @@ def _train(setup: run_setup.RunSetup, point: checkpointing.ResumePoint, manager,
     if manager is not None:
       results = [dataclasses.asdict(r) for r in rounds]
       point = checkpointing.ResumePoint(phase, step, ticket, mask, states, results)
-      with _interrupts_deferred():
+      with interrupts.deferred():
         checkpointing.save(manager, point, config, setup.steps.rewind_step, setup.steps.end_step)
 
   def run_phase(phase, step, states, end):
@@ -179,14 +153,14 @@ def _train(setup: run_setup.RunSetup, point: checkpointing.ResumePoint, manager,
       return train_phase(setup, phase, states, mask, step, end, after_chunk)
     except FloatingPointError:
       if manager is not None:
-        with _interrupts_deferred():
+        with interrupts.deferred():
           manager.wait_until_finished()  # the last good checkpoint is safe before we stop
       raise
 
   if phase == checkpointing.PRETRAIN_PHASE:
     ticket = train_ticket(setup, run_phase(phase, step, states, setup.steps.rewind_step))
     if workdir is not None:
-      with _interrupts_deferred():
+      with interrupts.deferred():
         workdir_lib.save_tree(os.path.join(workdir, workdir_lib.TICKET_DIR), ticket._asdict())
     phase, step = 0, setup.steps.rewind_step
     states = run_setup.start_phase(setup, phase, ticket, mask)
@@ -216,7 +190,7 @@ def _train(setup: run_setup.RunSetup, point: checkpointing.ResumePoint, manager,
       + " ".join(f"{100 * a:.2f}" for a in result.particle_test_accuracy)
     )
     if workdir is not None:
-      with _interrupts_deferred():
+      with interrupts.deferred():
         workdir_lib.save_round_model(
           workdir, phase, out, mask, config.save_particles
         )  # every process
@@ -240,6 +214,7 @@ def _raise_diverged(losses: np.ndarray, phase: int, start_step: int):
   )
 
 
+@interrupts.handled()  # Ctrl-C stops a run between saves and is never dropped
 def run(
   config: ml_collections.ConfigDict,
   workdir: str | None = None,
@@ -404,7 +379,7 @@ def _run(config, workdir, setup, primary) -> results_lib.SwampResult:
     if point is None:
       point = run_setup.create_initial_point(setup)
       if manager is not None:  # a good state on disk before anything can diverge
-        with _interrupts_deferred():
+        with interrupts.deferred():
           checkpointing.save(manager, point, config, setup.steps.rewind_step, setup.steps.end_step)
     else:
       done = checkpointing.progress_step(
@@ -415,13 +390,13 @@ def _run(config, workdir, setup, primary) -> results_lib.SwampResult:
       with open(os.path.join(workdir, workdir_lib.CONFIG_FILE), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     if workdir is not None:
-      with _interrupts_deferred():
+      with interrupts.deferred():
         workdir_lib.restore_files(workdir, point, primary, resumed)
     rounds, final = _train(setup, point, manager, workdir, progress)
   finally:
     progress.close()
     if manager is not None:
-      with _interrupts_deferred():
+      with interrupts.deferred():
         manager.wait_until_finished()
         manager.close()
 
@@ -436,7 +411,7 @@ def _run(config, workdir, setup, primary) -> results_lib.SwampResult:
       f"{config.model.name} on {config.dataset.name}, N={config.num_particles}",
     )
   if workdir is not None:
-    with _interrupts_deferred():
+    with interrupts.deferred():
       workdir_lib.save_final_model(
         os.path.join(workdir, workdir_lib.FINAL_MODEL_DIR), params, batch_stats, mask
       )

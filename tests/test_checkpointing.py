@@ -1,5 +1,6 @@
 """Preemption safety: SIGKILL and resume, corrupted and incompatible checkpoints, divergence."""
 
+import gc
 import json
 import os
 import pathlib
@@ -330,6 +331,37 @@ def test_second_launch_is_refused_and_ctrl_c_ends_with_one_line_that_says_how_to
   from swamp_jax import workdir as workdir_lib
 
   workdir_lib.lock_workdir(str(work)).close()  # released
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop
+def test_ctrl_c_that_python_drops_in_a_gc_callback_still_stops_the_run(tiny_config, tmp_path):
+  # CPython prints a KeyboardInterrupt raised inside a garbage-collector callback (jax
+  # registers one) as "Exception ignored" and drops it: CI once saw a run ignore Ctrl-C for
+  # 120 s. Here Ctrl-C lands in such a callback once training is underway (a checkpoint
+  # is on disk); the run must still stop, by KeyboardInterrupt, long before its end.
+  tiny_config.epochs_per_round = 30
+  tiny_config.num_rounds = 3
+  tiny_config.checkpoint.every_steps = 1000  # one save a round: Ctrl-C lands while training
+  work = tmp_path / "work"
+  pressed = []
+
+  def press_ctrl_c_in_gc(gc_phase, info):
+    if gc_phase == "start" and not pressed and _checkpoint_steps(work):
+      pressed.append(time.time())
+      signal.raise_signal(signal.SIGINT)  # its handler runs here, inside the callback
+
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in `python -m`
+  gc.callbacks.append(press_ctrl_c_in_gc)
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      swamp_jax.run(tiny_config, str(work))
+  finally:
+    gc.callbacks.remove(press_ctrl_c_in_gc)
+    signal.signal(signal.SIGINT, previous)
+  assert pressed, "no garbage collection ran during training"
+  assert signal.getsignal(signal.SIGINT) is previous
+  assert not (work / "final_model").exists()
+  assert max(_checkpoint_steps(work)) < tiny_config.checkpoint.every_steps  # stopped in round 0
 
 
 def test_a_diverged_run_says_how_to_rerun_it_with_other_settings(tiny_config, tmp_path):
