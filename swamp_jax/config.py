@@ -27,7 +27,7 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "digits"  # 'digits' (embedded) or any TFDS classification name
   c.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: TFDS default
-  c.dataset.cache_dir = "~/.cache/swamp_jax"  # decoded-array cache; '' disables
+  c.dataset.cache_dir = "~/.cache/swamp_jax"  # decoded arrays (TFDS, digits); "" disables
   c.dataset.train_split = "train"  # the TFDS split trained on
   c.dataset.test_split = "test"  # the TFDS split reported (e.g. 'validation' for imagenet_resized)
   c.dataset.image_key = "image"  # the TFDS feature holding the input

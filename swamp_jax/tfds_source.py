@@ -39,20 +39,34 @@ def read_splits(
     fields = f"{name}|{builder.info.version}|{train_split}|{test_split}|{image_key}|{label_key}"
     key = hashlib.sha1(fields.encode()).hexdigest()[:12]
     cache = os.path.join(os.path.expanduser(cache_dir), f"{name.replace('/', '_')}-{key}.npz")
-    if os.path.exists(cache):
-      with np.load(cache) as z:
-        return (z["xtr"], z["ytr"]), (z["xte"], z["yte"]), num_classes
+    cached = load_cached_splits(cache)
+    if cached is not None:
+      return (*cached, num_classes)
   if not builder.is_prepared():
     builder.download_and_prepare()
     check_splits(name, builder, train_split, test_split)
   x_tr, y_tr = read_split(name, train_split, data_dir, image_key, label_key, train_rows)
   x_te, y_te = read_split(name, test_split, data_dir, image_key, label_key)
   if cache:
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    tmp = cache + f".tmp{os.getpid()}.npz"
-    np.savez(tmp, xtr=x_tr, ytr=y_tr, xte=x_te, yte=y_te)
-    os.replace(tmp, cache)  # atomic: a killed writer never leaves a bad cache
+    save_cached_splits(cache, (x_tr, y_tr), (x_te, y_te))
   return (x_tr, y_tr), (x_te, y_te), num_classes
+
+
+def load_cached_splits(path: str):
+  """``((x_train, y_train), (x_test, y_test))`` cached at ``path``, or None."""
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as z:
+    return (z["xtr"], z["ytr"]), (z["xte"], z["yte"])
+
+
+def save_cached_splits(path: str, train, test):
+  """Caches two splits' arrays at ``path`` (atomic: a killed writer never leaves a bad
+  cache, and processes writing at once leave one whole file)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + f".tmp{os.getpid()}.npz"
+  np.savez(tmp, xtr=train[0], ytr=train[1], xte=test[0], yte=test[1])
+  os.replace(tmp, path)
 
 
 def create_builder(

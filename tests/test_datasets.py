@@ -1,7 +1,9 @@
 """Your own data: ``Dataset.from_arrays``, TFDS splits and keys, and their errors."""
 
+import importlib.metadata
 import json
 import shutil
+import sys
 
 import jax
 import numpy as np
@@ -31,6 +33,19 @@ def _leaves(tree):
 
 def _round_dicts(result):
   return [{k: v for k, v in vars(r).items() if k != "seconds"} for r in result.rounds]
+
+
+def test_digits_cached_split_is_the_same_and_loads_without_scikit_learn(tmp_path, monkeypatch):
+  first = swamp_jax.Dataset.from_digits(cache_dir=str(tmp_path))
+  version = importlib.metadata.version("scikit-learn")
+  assert [p.name for p in tmp_path.iterdir()] == [f"digits-sklearn{version}.npz"]
+  monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # importing it now fails
+  with pytest.raises(ImportError):
+    swamp_jax.Dataset.from_digits()  # uncached: needs scikit-learn
+  again = swamp_jax.Dataset.from_digits(cache_dir=str(tmp_path))
+  assert first._fields == again._fields
+  for field, a, b in zip(first._fields, first, again, strict=True):
+    np.testing.assert_array_equal(a, b, err_msg=field)
 
 
 @pytest.fixture(scope="module")
