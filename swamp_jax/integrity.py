@@ -70,11 +70,13 @@ def _leaf_digest_and_finite(x):
   return _leaf_digest(x), _leaf_finite(x)
 
 
-# Leaves of up to this many elements that this process holds whole are hashed on the host by
-# numpy, in the same uint32 arithmetic (the same digest): a network's many small leaves
+# Leaves of up to this many elements are hashed on the host by numpy, in the same uint32
+# arithmetic (the same digest), each process its own shards: a network's many small leaves
 # (biases, norms, small kernels, keys) would each compile a program for their shape (28
-# programs, 2.3 s of a 21 s small run), while copying them to the host costs microseconds.
-# Larger leaves are hashed where they live (no host copy of big weights).
+# programs, 2.3 s of a 21 s small run; in a multi-process run every process compiles them,
+# as process 1 never reads the persistent compilation cache), while copying them to the
+# host costs microseconds. Larger leaves are hashed where they live (no host copy of big
+# weights).
 HOST_MAX_ELEMENTS = 1 << 16
 
 
@@ -90,20 +92,44 @@ def _host_words(x: np.ndarray) -> np.ndarray:
   return words.reshape(*x.shape, max(x.dtype.itemsize // 4, 1))
 
 
-def _host_digest_and_finite(x: np.ndarray) -> tuple[np.ndarray, bool]:
-  """``_leaf_digest_and_finite`` of a host array, computed by numpy (wrapping uint32)."""
+def _host_sums(x: np.ndarray, position: np.ndarray) -> np.ndarray:
+  """uint32 [a, b, non-finite count] of the words of ``x`` at ``position`` (the sums of
+  ``_leaf_digest``, wrapping): parts of one array add up to the whole array's."""
   words = _host_words(x)
-  position = np.arange(words.size, dtype=np.uint32).reshape(words.shape)
   a = _mix(words ^ _mix(position))
   b = _mix(words + _mix(position ^ _GOLDEN))
-  digest = np.stack([np.sum(a, dtype=np.uint32), np.sum(b, dtype=np.uint32)])
-  finite = bool(np.all(np.isfinite(x))) if np.issubdtype(x.dtype, np.inexact) else True
-  return digest, finite
+  bad = np.count_nonzero(~np.isfinite(x)) if np.issubdtype(x.dtype, np.inexact) else 0
+  return np.stack([np.sum(a, dtype=np.uint32), np.sum(b, dtype=np.uint32), np.uint32(bad)])
+
+
+def _word_positions(shape: tuple, words: int, index: tuple) -> np.ndarray:
+  """Positions (uint32, wrapping) of the words of ``x[index]`` among those of the whole
+  array ``x`` of ``shape`` (``words`` per element), in the layout ``_leaf_digest`` numbers."""
+  strides = [int(np.prod(shape[i + 1 :], dtype=np.int64)) * words for i in range(len(shape))]
+  ranges = [np.arange(*s.indices(n), dtype=np.uint64) for s, n in zip(index, shape, strict=True)]
+  grids = np.ix_(*ranges, np.arange(words, dtype=np.uint64))
+  position = sum(g * np.uint64(stride) for g, stride in zip(grids, [*strides, 1], strict=True))
+  return (position % np.uint64(2**32)).astype(np.uint32)
+
+
+def _host_part(x) -> np.ndarray:
+  """``_host_sums`` of the part of ``x`` this process holds: each shard of replica 0 (so
+  every element of a global array counts once, over all processes) at its global place."""
+  dtype = jax.dtypes.canonicalize_dtype(x.dtype)  # float64 is float32 without x64, as on device
+  words = max(np.dtype(dtype).itemsize // 4, 1)
+  if not isinstance(x, jax.Array):
+    x = np.asarray(x).astype(dtype)
+    return _host_sums(x, _word_positions(x.shape, words, tuple(slice(None) for _ in x.shape)))
+  total = np.zeros(3, np.uint32)
+  for shard in x.addressable_shards:
+    if shard.replica_id == 0:
+      data = np.asarray(shard.data).astype(dtype)
+      total += _host_sums(data, _word_positions(x.shape, words, shard.index))
+  return total
 
 
 def _on_host(x, host_max_elements: int) -> bool:
-  whole = not isinstance(x, jax.Array) or x.is_fully_addressable
-  return whole and np.size(x) <= host_max_elements
+  return np.size(x) <= host_max_elements
 
 
 def _to_host(x) -> np.ndarray:
@@ -121,31 +147,37 @@ def compute_digests(
   Args:
     tree: a pytree of arrays (``jax.Array`` of any sharding, possibly spanning
       several processes, or numpy).
-    host_max_elements: leaves this process holds whole and of at most this
-      many elements are hashed by numpy on the host, the others under jit
-      (the same digest either way).
+    host_max_elements: leaves of at most this many elements are hashed by
+      numpy on the host, each process its own shards (the parts of leaves
+      that span processes are added up by one allgather); the others under
+      jit (the same digest either way).
 
   Returns:
     ``({keystr(path): 16 hex digits}, [keystr(path) of non-finite leaves])``.
     The digest depends only on each array's shape, dtype and values.
   """
   paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
-  digests, non_finite = {}, []
+  sums = {}
+  spanning = []  # leaves held in part by other processes: their host parts are added below
   for path, x in zip(paths, jax.tree_util.tree_leaves(tree), strict=True):
     # Each leaf's result is read before the next program starts: on a mesh these programs
     # reduce across devices, and several in flight at once deadlocked XLA:CPU's collectives
     # (8 fake devices on 2 cores, a rendezvous that never completed).
     if _on_host(x, host_max_elements):
-      # The dtype the device path would see (float64 is float32 without jax_enable_x64).
-      x = np.asarray(x)
-      digest, finite = _host_digest_and_finite(x.astype(jax.dtypes.canonicalize_dtype(x.dtype)))
+      sums[path] = _host_part(x)
+      if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        spanning.append(path)
     else:
       digest, finite = _leaf_digest_and_finite(x)
-    a, b = (int(v) for v in _to_host(digest))
-    digests[path] = f"{a:08x}{b:08x}"
-    if not bool(_to_host(finite)):
-      non_finite.append(path)
-  return digests, non_finite
+      sums[path] = np.append(_to_host(digest), np.uint32(not bool(_to_host(finite))))
+  if spanning:  # one collective for all of them, in the same order in every process
+    from jax.experimental import multihost_utils
+
+    parts = multihost_utils.process_allgather(np.stack([sums[p] for p in spanning]))
+    for path, total in zip(spanning, np.sum(parts, axis=0, dtype=np.uint32), strict=True):
+      sums[path] = total
+  digests = {path: f"{int(v[0]):08x}{int(v[1]):08x}" for path, v in sums.items()}
+  return digests, [path for path, v in sums.items() if v[2]]
 
 
 def compare_digests(saved: dict[str, str], current: dict[str, str]) -> list[str]:

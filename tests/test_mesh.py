@@ -240,6 +240,29 @@ def test_two_processes_streaming_their_batches_give_the_result_of_one(
   assert len((two_process_streamed_run / "results.jsonl").read_text().splitlines()) == 2
 
 
+def test_checkpoint_of_two_processes_resumes_in_one_with_its_digests_intact(
+  two_process_run, tmp_path
+):
+  import shutil
+
+  import swamp_jax
+  from swamp_jax import checkpointing
+
+  from .mesh_worker import make_config
+
+  # Each process digested only the shards it held: the sums must be those of the whole arrays,
+  # or this one-process resume moves the checkpoint aside as damaged (and falls back).
+  work = tmp_path / "work"
+  shutil.copytree(two_process_run, work)
+  shutil.rmtree(work / "final_model")
+  (work / "results.jsonl").write_text((work / "results.jsonl").read_text().splitlines()[0] + "\n")
+  newest = max(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+  assert newest == 55  # mid-round 1, after the prune
+  swamp_jax.run(make_config("small_bn", 2), str(work))
+  assert not (work / (checkpointing.CHECKPOINT_DIR + checkpointing.QUARANTINE_SUFFIX)).exists()
+  assert len((work / "results.jsonl").read_text().splitlines()) == 2
+
+
 def test_two_processes_killed_mid_round_resume_to_the_uninterrupted_result(
   two_process_run, tmp_path
 ):
