@@ -150,6 +150,10 @@ _SLOW_TESTS = {
   ),
   # Shares the one-process reference (a module fixture) with the first two-process test.
   "test_two_processes_streaming_their_batches_give_the_result_of_one": ("two_process_run", 45),
+  "test_checkpoint_of_two_processes_resumes_in_one_with_its_digests_intact": (
+    "two_process_run",
+    6,
+  ),
   "test_mesh_of_4_particles_by_2_data_equals_one_device": ("sharded_run", 65),
   "test_checkpoint_from_an_8_device_mesh_resumes_on_one_device": ("sharded_run", 9),
   "test_models_saved_on_an_8_device_mesh_load_on_1": ("sharded_run", 1),
