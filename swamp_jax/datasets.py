@@ -358,7 +358,7 @@ def check_config_dataset(d: ml_collections.ConfigDict) -> None:
 def count_train_examples(d: ml_collections.ConfigDict) -> int:
   """Size of ``config.dataset``'s training split, without reading it."""
   if d.name == DIGITS:
-    return len(Dataset.from_digits().train_labels)
+    return len(Dataset.from_digits(cache_dir=d.cache_dir or None).train_labels)
   builder = tfds_source.create_builder(d.name, d.data_dir, d.image_key, d.label_key)
   return int(builder.info.splits[d.train_split].num_examples)
 

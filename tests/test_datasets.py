@@ -46,6 +46,10 @@ def test_digits_cached_split_is_the_same_and_loads_without_scikit_learn(tmp_path
   assert first._fields == again._fields
   for field, a, b in zip(first._fields, first, again, strict=True):
     np.testing.assert_array_equal(a, b, err_msg=field)
+  # A multi-process run counts the training rows before each process loads its shard: from
+  # the same cache (it imported scikit-learn in every process, 1.3 s each).
+  config = _tiny(dataset__cache_dir=str(tmp_path))
+  assert datasets.count_train_examples(config.dataset) == len(first.train_labels)
 
 
 @pytest.fixture(scope="module")
