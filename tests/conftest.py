@@ -18,12 +18,12 @@ import pytest
 # executable is the one the compiler made, so no result changes.
 # No size limit (JAX_COMPILATION_CACHE_MAX_SIZE): with one, JAX's LRUCache (jax 0.10) lists,
 # stats and reads the access-time file of every entry on every write, under a directory lock.
-# The suite writes ~2,300 entries, so that scan grew with each of them: the whole suite took
-# 1.45x the CPU time with a 4 GiB limit (810 s vs 557 s user+sys, 499 s vs 300 s wall on 2
-# cores). Without a limit, writes and reads take no lock, so a process may read an entry that
-# another is still writing (only when two compile the same program at once): JAX then warns
-# "Error reading persistent compilation cache entry" (the zlib stream is truncated) and
-# compiles the program itself, so a result never changes.
+# The suite writes ~2,300 entries, so that scan grew with each of them: with a 4 GiB limit
+# the whole suite took 1.4x the CPU time (back-to-back runs on 2 cores: 866 s vs 616 s
+# user+sys, 541 s vs 336 s wall). Without a limit, writes and reads take no lock, so a
+# process may read an entry that another is still writing (only when two compile the same
+# program at once): JAX then warns "Error reading persistent compilation cache entry" (the
+# zlib stream is truncated) and compiles the program itself, so a result never changes.
 _XLA_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _XLA_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="swamp_jax_xla_")
