@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import fractions
 import math
+import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -27,7 +28,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "digits"  # 'digits' (embedded) or any TFDS classification name
   c.dataset.data_dir = config_dict.placeholder(str)  # TFDS data_dir; None: TFDS default
-  c.dataset.cache_dir = "~/.cache/swamp_jax"  # decoded arrays (TFDS, digits); "" disables
+  # Decoded arrays (TFDS, digits); "" disables. $SWAMP_JAX_CACHE_DIR moves the default (a
+  # node's local disk; the test suite's own folder, so it never writes to ~/.cache).
+  c.dataset.cache_dir = os.environ.get("SWAMP_JAX_CACHE_DIR", "~/.cache/swamp_jax")
   c.dataset.train_split = "train"  # the TFDS split trained on
   c.dataset.test_split = "test"  # the TFDS split reported (e.g. 'validation' for imagenet_resized)
   c.dataset.image_key = "image"  # the TFDS feature holding the input

@@ -30,6 +30,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# Decoded dataset arrays (config.dataset.cache_dir's default) in a folder of this session, so
+# the suite never writes to the user's ~/.cache; inherited by workers and subprocesses.
+_ARRAY_CACHE = None
+if "SWAMP_JAX_CACHE_DIR" not in os.environ:
+  _ARRAY_CACHE = os.environ["SWAMP_JAX_CACHE_DIR"] = tempfile.mkdtemp(prefix="swamp_jax_arrays_")
+
 
 # Most of the suite's time is XLA compiling small programs that then run for milliseconds
 # (JAX_LOG_COMPILES: 25 of a 35 s mesh-worker run). JAX's documented switch for that case
@@ -56,9 +62,10 @@ if os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] not in ("0", "false", "False"):
 
 
 def pytest_sessionfinish(session, exitstatus):
-  # The process that made the cache removes it (pytest-xdist's workers inherit its path).
-  if _XLA_CACHE is not None:
-    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+  # The process that made the caches removes them (pytest-xdist's workers inherit their paths).
+  for cache in (_XLA_CACHE, _ARRAY_CACHE):
+    if cache is not None:
+      shutil.rmtree(cache, ignore_errors=True)
 
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
