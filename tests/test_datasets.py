@@ -53,12 +53,12 @@ def test_digits_cached_split_is_the_same_and_loads_without_scikit_learn(tmp_path
   assert datasets.count_train_examples(config.dataset) == len(first.train_labels)
 
 
-def test_array_cache_defaults_to_swamp_jax_cache_dir_and_the_suite_keeps_out_of_home(monkeypatch):
+def test_array_cache_default_follows_swamp_jax_cache_dir(monkeypatch):
   from swamp_jax.config import get_default_config
 
-  # conftest points it at this session's folder (inherited by every subprocess).
-  home = os.path.expanduser("~/.cache/swamp_jax")
-  assert os.path.expanduser(get_default_config().dataset.cache_dir) != home
+  # conftest points it at this session's folder (inherited by every subprocess), unless the
+  # caller set it: the suite never writes to ~/.cache on its own.
+  assert get_default_config().dataset.cache_dir == os.environ["SWAMP_JAX_CACHE_DIR"]
   monkeypatch.delenv("SWAMP_JAX_CACHE_DIR")
   assert get_default_config().dataset.cache_dir == "~/.cache/swamp_jax"
   monkeypatch.setenv("SWAMP_JAX_CACHE_DIR", "/scratch/arrays")
