@@ -99,6 +99,16 @@ def _reference(tmp_path, **config):
   return flat
 
 
+def _copy_as_if_stopped_in_the_last_round(finished, work):
+  """A copy of the finished run's workdir ``finished`` at ``work`` that lost everything after
+  its last checkpoint (in round 1): no final model, only round 0's results line."""
+  import shutil
+
+  shutil.copytree(finished, work)
+  shutil.rmtree(work / "final_model")
+  (work / "results.jsonl").write_text((work / "results.jsonl").read_text().splitlines()[0] + "\n")
+
+
 @pytest.fixture(scope="session")
 def sharded_run(tmp_path_factory):
   """The 4 x 2 mesh run (8 fake devices) with its workdir, shared by two tests: computed
@@ -243,8 +253,6 @@ def test_two_processes_streaming_their_batches_give_the_result_of_one(
 def test_checkpoint_of_two_processes_resumes_in_one_with_its_digests_intact(
   two_process_run, tmp_path
 ):
-  import shutil
-
   import swamp_jax
   from swamp_jax import checkpointing
 
@@ -253,9 +261,7 @@ def test_checkpoint_of_two_processes_resumes_in_one_with_its_digests_intact(
   # Each process digested only the shards it held: the sums must be those of the whole arrays,
   # or this one-process resume moves the checkpoint aside as damaged (and falls back).
   work = tmp_path / "work"
-  shutil.copytree(two_process_run, work)
-  shutil.rmtree(work / "final_model")
-  (work / "results.jsonl").write_text((work / "results.jsonl").read_text().splitlines()[0] + "\n")
+  _copy_as_if_stopped_in_the_last_round(two_process_run, work)
   newest = max(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
   assert newest == 55  # mid-round 1, after the prune
   swamp_jax.run(make_config("small_bn", 2), str(work))
@@ -306,20 +312,14 @@ def test_train_size_with_several_processes_is_refused_naming_the_field(monkeypat
 
 
 def test_checkpoint_from_an_8_device_mesh_resumes_on_one_device(sharded_run, tmp_path):
-  import shutil
-
   import swamp_jax
 
   from .mesh_worker import make_config
 
   reference, finished = sharded_run
   work = tmp_path / "work"
-  shutil.copytree(finished, work)
   # Lose everything after the last checkpoint of the 8-device run, then resume here.
-  shutil.rmtree(work / "final_model")
-  with open(work / "results.jsonl") as f:
-    first_line = f.readline()
-  (work / "results.jsonl").write_text(first_line)
+  _copy_as_if_stopped_in_the_last_round(finished, work)
   assert len(jax.devices()) == 1
   resumed = swamp_jax.run(make_config(), str(work))
   flat = {
